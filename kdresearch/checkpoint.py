@@ -1,0 +1,104 @@
+"""Checkpoints: a dict of state_dicts and plain data, written atomically, read with weights_only.
+
+Layout (format 1): {"format", "model_class", "epoch", "model", "optimizer", "loss", "rng",
+"config", "metrics"}. Everything is tensors, numbers, strings, lists and dicts, so
+`torch.load(weights_only=True)` reads it and a crafted pickle cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from kdresearch.errors import KDResearchError
+
+FORMAT = 1
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write `state` to `path` so that a crash mid-write leaves the previous file intact:
+    write a temp file in the same folder, fsync, then rename over the target (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(state, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_name, path)
+    except OSError as error:
+        Path(temp_name).unlink(missing_ok=True)
+        raise KDResearchError(f"could not write checkpoint {path}: {error.strerror or error}") from None
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint written by `save_checkpoint` (or a bare state_dict); never executes code."""
+    path = Path(path)
+    if not path.is_file():
+        raise KDResearchError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unsupported content"
+        raise KDResearchError(
+            f"refusing to load {path}: it holds objects other than tensors and plain data, which "
+            f"could run code ({first_line})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise KDResearchError(f"checkpoint {path} is truncated or corrupt ({type(error).__name__})") from None
+    if not isinstance(state, dict):
+        raise KDResearchError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of tensors")
+    return state
+
+
+def model_state(checkpoint: dict) -> dict:
+    """The model's state_dict from one of our checkpoints or from a bare state_dict file."""
+    return checkpoint["model"] if "model" in checkpoint and "format" in checkpoint else checkpoint
+
+
+# --- RNG state as plain data (np.random.get_state() is not weights_only-loadable as is) ---------
+
+def capture_rng(generators: dict[str, torch.Generator]) -> dict:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "generators": {name: generator.get_state() for name, generator in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    for key, generator in generators.items():
+        generator.set_state(state["generators"][key])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def keep_last(folder: Path, pattern: str, keep: Optional[int]) -> None:
+    """Delete all but the newest `keep` files matching `pattern` (by name order: epoch-numbered)."""
+    if keep is None or keep <= 0:
+        return
+    files = sorted(folder.glob(pattern))
+    for old in files[:-keep]:
+        old.unlink(missing_ok=True)

@@ -1,0 +1,222 @@
+"""Datasets held in memory as uint8 tensors, and the batches the trainer draws from them.
+
+CIFAR-10 is 150 MB as uint8, so the whole set lives in one (N, 3, 32, 32) tensor; each batch is
+cut from it by a seeded permutation and converted to float and normalised on the device. That is
+the tutorial's `ToTensor()` + `Normalize(mean, std)` computed per batch instead of per image in a
+DataLoader (the same numbers, a fraction of the cost).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from kdresearch.errors import KDResearchError
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch"
+
+
+@dataclass
+class ImageData:
+    """A labelled image-classification dataset in memory, plus how to normalise it."""
+
+    name: str
+    train_images: torch.Tensor  # uint8, (N, 3, 32, 32)
+    train_labels: torch.Tensor  # int64, (N,)
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def fingerprint(self) -> str:
+        """Content hash of images, labels and normalisation: identifies the data a model saw."""
+        digest = hashlib.sha256()
+        for tensor in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+            digest.update(tensor.contiguous().numpy().tobytes())
+        digest.update(repr((self.mean, self.std)).encode())
+        return digest.hexdigest()[:16]
+
+
+def _limited(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int], what: str):
+    if limit is None:
+        return images, labels
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise KDResearchError(f"data.{what} must be a positive integer or null, got {limit!r}")
+    return images[:limit].contiguous(), labels[:limit].contiguous()
+
+
+def _image_data(name, train, test, classes, limit_train, limit_test, mean, std) -> ImageData:
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise KDResearchError(f"data.mean and data.std need 3 values each, std > 0 (got {mean}, {std})")
+    train_images, train_labels = _limited(*train, limit_train, "limit_train")
+    test_images, test_labels = _limited(*test, limit_test, "limit_test")
+    return ImageData(name, train_images, train_labels, test_images, test_labels, tuple(classes),
+                     tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+
+# --- CIFAR-10 ---------------------------------------------------------------------------------
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _official_md5s() -> dict[str, str]:
+    # torchvision carries the official release's checksums; reuse them rather than copy them.
+    from torchvision.datasets import CIFAR10
+
+    return {name: md5 for name, md5 in CIFAR10.train_list + CIFAR10.test_list}
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    with open(path, "rb") as handle:
+        batch = pickle.load(handle, encoding="latin1")
+    return batch["data"], batch["labels"]
+
+
+def _download_cifar10(root: Path) -> None:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        CIFAR10(root=str(root), train=True, download=True)
+    except Exception as error:  # URLError, socket errors, corrupt archive: one message for all
+        raise KDResearchError(
+            f"could not download CIFAR-10 into {root} ({error}). Without network, put a copy in the "
+            f"standard '{CIFAR10_FOLDER}' layout under data.root=PATH, or use data=synthetic"
+        ) from None
+
+
+def load_cifar10(root: str = "data", download: bool = True, verify: bool = True,
+                 limit_train: Optional[int] = None, limit_test: Optional[int] = None,
+                 mean: Sequence[float] = (0.485, 0.456, 0.406),
+                 std: Sequence[float] = (0.229, 0.224, 0.225)) -> ImageData:
+    """CIFAR-10 from `root/cifar-10-batches-py` (downloading it with torchvision if allowed).
+
+    With `verify`, every batch file must match the official release's md5; a re-encoded copy
+    (like the 10k-image sample in ../shared/data) loads with `verify=False`.
+    """
+    root_path = Path(root).expanduser()
+    folder = root_path / CIFAR10_FOLDER
+    files = CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing and download:
+        _download_cifar10(root_path)
+        missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise KDResearchError(
+            f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}. Options: data.download=true "
+            f"(needs network), data.root=PATH to a folder holding '{CIFAR10_FOLDER}', or data=synthetic"
+        )
+    if verify:
+        expected = _official_md5s()
+        mismatched = [name for name in files if _md5(folder / name) != expected[name]]
+        if mismatched:
+            raise KDResearchError(
+                f"CIFAR-10 files in {folder} do not match the official md5 sums "
+                f"({', '.join(mismatched)}). If this copy is trusted (e.g. a re-encoded sample), "
+                f"load it with data.verify=false"
+            )
+
+    def read(names):
+        arrays, labels = zip(*(_read_batch(folder / name) for name in names))
+        images = torch.from_numpy(np.concatenate(arrays).reshape(-1, 3, 32, 32))
+        return images, torch.tensor([label for part in labels for label in part], dtype=torch.int64)
+
+    classes = CIFAR10_CLASSES
+    meta = folder / "batches.meta"
+    if meta.is_file():
+        with open(meta, "rb") as handle:
+            classes = tuple(pickle.load(handle, encoding="latin1")["label_names"])
+    return _image_data("cifar10", read(CIFAR10_TRAIN_FILES), read([CIFAR10_TEST_FILE]), classes,
+                       limit_train, limit_test, mean, std)
+
+
+# --- synthetic --------------------------------------------------------------------------------
+
+def make_synthetic(num_train: int = 2000, num_test: int = 500, num_classes: int = 10,
+                   noise: float = 0.6, seed: int = 0,
+                   limit_train: Optional[int] = None, limit_test: Optional[int] = None,
+                   mean: Sequence[float] = (0.485, 0.456, 0.406),
+                   std: Sequence[float] = (0.229, 0.224, 0.225)) -> ImageData:
+    """A small offline CIFAR-shaped dataset that a CNN can learn, for demos and tests.
+
+    Each class has a smooth random colour pattern (8x8 noise upsampled to 32x32); an image is its
+    class's pattern, randomly shifted by up to 4 pixels and dimmed or brightened, plus per-pixel
+    noise of relative strength `noise`. The data's own `seed` keeps it identical across
+    training seeds.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(num_classes, 3, 8, 8, generator=generator)
+    patterns = torch.nn.functional.interpolate(coarse, size=(40, 40), mode="bilinear", align_corners=False)
+
+    def sample(count: int):
+        labels = torch.randint(0, num_classes, (count,), generator=generator)
+        dx, dy = (torch.randint(0, 9, (count,), generator=generator) for _ in range(2))
+        crops = torch.stack([patterns[label, :, y:y + 32, x:x + 32]
+                             for label, x, y in zip(labels.tolist(), dx.tolist(), dy.tolist())])
+        contrast = 0.6 + 0.8 * torch.rand(count, 1, 1, 1, generator=generator)
+        pixels = crops * contrast + noise * torch.randn(count, 3, 32, 32, generator=generator)
+        images = (128 + 50 * pixels).round().clamp(0, 255).to(torch.uint8)
+        return images, labels
+
+    classes = tuple(f"pattern_{index}" for index in range(num_classes))
+    return _image_data("synthetic", sample(num_train), sample(num_test), classes,
+                       limit_train, limit_test, mean, std)
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+class BatchIterator:
+    """Batches of normalised float images on `device`, in a seeded order.
+
+    `generator` (a CPU torch.Generator) shuffles once per pass; its state belongs to the
+    training run's checkpoint. None means the stored order (evaluation).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, data: ImageData, batch_size: int,
+                 device: torch.device, generator: Optional[torch.Generator] = None,
+                 channels_last: bool = False):
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.device = device
+        self.generator = generator
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # Normalize((x/255 - mean)/std) folded into one multiply-add per pixel.
+        mean = torch.tensor(data.mean).view(1, 3, 1, 1)
+        std = torch.tensor(data.std).view(1, 3, 1, 1)
+        self.scale = (1 / (255 * std)).to(device)
+        self.shift = (-mean / std).to(device)
+
+    def __len__(self) -> int:
+        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yields (images, labels, index): index says which stored samples the batch holds."""
+        count = len(self.labels)
+        order = torch.randperm(count, generator=self.generator) if self.generator is not None else None
+        for start in range(0, count, self.batch_size):
+            if order is None:
+                index = torch.arange(start, min(start + self.batch_size, count))
+                images = self.images[start:start + self.batch_size]
+                labels = self.labels[start:start + self.batch_size]
+            else:
+                index = order[start:start + self.batch_size]
+                images, labels = self.images[index], self.labels[index]
+            images = images.to(self.device, non_blocking=True).float()
+            images = (images * self.scale + self.shift).contiguous(memory_format=self.memory_format)
+            yield images, labels.to(self.device, non_blocking=True), index

@@ -1,0 +1,115 @@
+"""Where a distillation run's teacher comes from: a file, an MLflow run, or a matching earlier run.
+
+The automatic choice looks for the newest finished run whose *training identity* equals the
+teacher job this student would need (`training_config_hash`: model, loss, optimizer, seed,
+epochs, batch size, precision and the data's content hash). A teacher trained with
+`python train.py model=deep` therefore serves every later student with the same settings; when
+none exists, one is trained first as its own MLflow run. A file lock makes parallel students of
+one sweep train it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kdresearch.checkpoint import load_checkpoint, model_state
+from kdresearch.errors import KDResearchError
+from kdresearch.tracking import FileLock
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+FINAL_CHECKPOINT = "checkpoints/final.pt"  # artifact path of every run's final checkpoint
+
+
+def training_config_hash(cfg: DictConfig, data_fingerprint: str) -> str:
+    """What determines a trained model's weights (device aside); equal hashes mean reusable runs."""
+    identity = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "loss", "optimizer")
+    }
+    identity.update(seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                    precision=cfg.device.precision, data=data_fingerprint)
+    identity["model"].pop("name", None)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def teacher_job_config(cfg: DictConfig) -> DictConfig:
+    """The job that trains this student's teacher: same settings, teacher model, cross-entropy."""
+    job = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    job.model = job.teacher.model
+    job.loss = OmegaConf.load(CONF_DIR / "loss" / "ce.yaml")
+    job.teacher.checkpoint = None
+    job.teacher.run_id = None
+    return job
+
+
+def load_weights(model: nn.Module, checkpoint: dict, source: str) -> None:
+    """Load a checkpoint into `model`, refusing one made for another architecture with one line."""
+    expected = type(model).__name__
+    found = checkpoint.get("model_class")
+    if found is not None and found != expected:
+        raise KDResearchError(f"{source} holds a {found}, but the teacher model is a {expected} (teacher.model)")
+    try:
+        model.load_state_dict(model_state(checkpoint))
+    except (RuntimeError, KeyError, TypeError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise KDResearchError(f"{source} does not fit a {expected}: {first_line}") from None
+
+
+def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, tracker,
+                   work_dir: Path, train: Callable[[DictConfig, Path], str]) -> Optional[str]:
+    """Fill `teacher` with trained weights; return the MLflow run id they came from (None if unknown).
+
+    `train(job_cfg, output_dir)` trains a teacher as its own run and returns that run's id.
+    """
+    if cfg.teacher.checkpoint:
+        path = Path(cfg.teacher.checkpoint).expanduser()
+        checkpoint = load_checkpoint(path)
+        load_weights(teacher, checkpoint, f"teacher checkpoint {path}")
+        run_id = checkpoint.get("run_id")
+        log.info("teacher: loaded from checkpoint %s%s", path, f" (run {run_id})" if run_id else "")
+        return run_id
+
+    if cfg.teacher.run_id:
+        run_id = str(cfg.teacher.run_id)
+        load_weights(teacher, _run_checkpoint(tracker, run_id, work_dir), f"teacher run {run_id}")
+        log.info("teacher: loaded from MLflow run %s", run_id)
+        return run_id
+
+    job = teacher_job_config(cfg)
+    wanted = training_config_hash(job, data_fingerprint)
+    with FileLock(tracker.lock_dir / f"teacher-{wanted}.lock"):
+        found = tracker.find_runs(
+            f"tags.config_hash = '{wanted}' and attributes.status = 'FINISHED'", max_results=1
+        )
+        if found:
+            run_id = found[0].info.run_id
+            log.info("teacher: reusing MLflow run %s (%s), the newest finished run with this training config",
+                     run_id, found[0].info.run_name)
+        else:
+            log.info("teacher: no finished run with this training config (%s); training one first", wanted)
+            run_id = train(job, work_dir / "teacher")
+    load_weights(teacher, _run_checkpoint(tracker, run_id, work_dir), f"teacher run {run_id}")
+    return run_id
+
+
+def _run_checkpoint(tracker, run_id: str, work_dir: Path) -> dict:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        destination = Path(tempfile.mkdtemp(prefix="teacher-", dir=work_dir))
+        path = tracker.download_artifact(run_id, FINAL_CHECKPOINT, destination)
+    except (MlflowException, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise KDResearchError(
+            f"teacher run {run_id} has no usable final checkpoint in {tracker.uri} ({first_line})"
+        ) from None
+    return load_checkpoint(path)

@@ -1,0 +1,248 @@
+"""One training job, top to bottom: seed, data, models, loss, optimizer, then train/evaluate/log
+per epoch. `run(cfg)` is what `train.py` calls; it returns the final test accuracy so that a Hydra
+sweeper can optimise it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from kdresearch import devices
+from kdresearch.checkpoint import capture_rng, keep_last, save_checkpoint
+from kdresearch.data import BatchIterator, ImageData
+from kdresearch.errors import KDResearchError
+from kdresearch.losses import TrainingLoss
+from kdresearch.models import ModelOutputs, first_layer_norm, parameter_count
+from kdresearch.teacher import FINAL_CHECKPOINT, obtain_teacher, training_config_hash
+from kdresearch.tracking import Tracker, flatten
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    test_acc: float
+    checkpoint: Path
+
+
+def run(cfg: DictConfig, output_dir: Optional[Path] = None) -> float:
+    """Train one job; `output_dir` defaults to Hydra's job folder. Returns the final test accuracy."""
+    if output_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
+    return run_job(cfg, Path(output_dir), overrides=_hydra_overrides()).test_acc
+
+
+# --- building blocks ----------------------------------------------------------------------------
+
+def build(node: DictConfig, group: str, *args):
+    """Instantiate a config group's `_target_` (dropping its short `name`), with one-line errors."""
+    params = OmegaConf.to_container(node, resolve=True)
+    params.pop("name", None)
+    try:
+        made = instantiate(params)
+        return made(*args) if args else made
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, KDResearchError):
+            raise cause from None
+        raise KDResearchError(f"{group}: {cause or error}") from None
+    except (TypeError, ValueError) as error:  # e.g. torch.optim.SGD's own checks of its options
+        raise KDResearchError(f"{group}: {error}") from None
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The top-level keys users type; Hydra passes any string through, so check them here."""
+    for key, minimum in (("epochs", 1), ("batch_size", 1), ("seed", 0)):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise KDResearchError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    T = cfg.T
+    if isinstance(T, bool) or not isinstance(T, (int, float)) or not math.isfinite(T) or T <= 0:
+        raise KDResearchError(f"T must be a number > 0, got {T!r}")
+    devices.check_precision(cfg.device.precision)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_name(cfg: DictConfig) -> str:
+    """Readable MLflow run names: deep-ce, light-ce, light-kd-T2, light-kd-T4-w0.5, light-cosine."""
+    name = f"{cfg.model.name}-{cfg.loss.name}"
+    if "T" in cfg.loss:
+        name += f"-T{cfg.loss.T:g}"
+    if "distill_weight" in cfg.loss and cfg.loss.distill_weight != 0.25:
+        name += f"-w{cfg.loss.distill_weight:g}"
+    return name
+
+
+def forward(model: nn.Module, images: torch.Tensor, with_features: bool) -> ModelOutputs:
+    out = model(images, with_features=with_features)
+    return out if with_features else ModelOutputs(out)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device, precision: str) -> tuple[float, float]:
+    """(accuracy in percent, mean cross-entropy) on `batches`."""
+    model.eval()
+    correct, loss_sum, count = 0, 0.0, 0
+    for images, labels, _ in batches:
+        with devices.autocast(device, precision):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+        count += labels.numel()
+    return 100.0 * correct / count, loss_sum / count
+
+
+# --- the job --------------------------------------------------------------------------------------
+
+def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = ()) -> JobResult:
+    """Train one job as one MLflow run; `overrides` are the command-line overrides to record."""
+    check_config(cfg)
+    devices.set_deterministic(cfg.device.deterministic)
+    device = devices.resolve_device(cfg.device.type)
+    data: ImageData = build(cfg.data, "data")
+    data_fingerprint = data.fingerprint()
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
+
+    # The student is built right after seeding, so every run of one seed starts from the same
+    # weights (the tutorial's first_layer_norm check); the teacher never touches this RNG stream.
+    seed_everything(cfg.seed)
+    student: nn.Module = build(cfg.model, "model")
+    loss_fn: TrainingLoss = build(cfg.loss, "loss")
+    teacher, teacher_run_id = None, None
+    if loss_fn.needs_teacher:
+        with torch.random.fork_rng(devices=[]):
+            teacher = build(cfg.teacher.model, "teacher.model")
+            loss_fn.check_models(student, teacher)
+            teacher_run_id = obtain_teacher(
+                cfg, teacher, data_fingerprint, tracker, output_dir,
+                train=lambda job, folder: run_job(job, folder, ('(teacher trained automatically)',)).run_id,
+            )
+        teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+    else:
+        loss_fn.check_models(student, None)
+    init_norm = first_layer_norm(student)
+    student.to(device, memory_format=memory_format)
+    loss_fn.to(device)
+    optimizer = build(cfg.optimizer, "optimizer", itertools.chain(student.parameters(), loss_fn.parameters()))
+    trained = torch.compile(student) if cfg.device.compile else student
+
+    data_order = torch.Generator().manual_seed(cfg.seed)
+    train_batches = BatchIterator(data.train_images, data.train_labels, data, cfg.batch_size, device,
+                                  generator=data_order, channels_last=cfg.device.channels_last)
+    test_batches = BatchIterator(data.test_images, data.test_labels, data, 256, device,
+                                 channels_last=cfg.device.channels_last)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    is_teacher = cfg.loss.name == "ce" and cfg.model.name == cfg.teacher.model.name
+    tags = {
+        "role": "teacher" if is_teacher else "student",
+        "model": cfg.model.name,
+        "loss": cfg.loss.name,
+        "config_hash": training_config_hash(cfg, data_fingerprint),
+        "data_fingerprint": data_fingerprint,
+        "device": str(device),
+        "overrides": " ".join(overrides),
+    }
+    if teacher_run_id:
+        tags["teacher_run_id"] = teacher_run_id
+    params = flatten({k: v for k, v in resolved.items() if k != "hydra"})
+    params["parameter_count"] = parameter_count(student)
+
+    checkpoint_dir = output_dir / "checkpoints"
+    with tracker.start_run(run_name(cfg), tags, params) as tracked:
+        log.info("MLflow run %s (%s) in %s, experiment %s", tracked.run_id, run_name(cfg), tracker.uri,
+                 cfg.tracking.experiment)
+        tracked.log_text(OmegaConf.to_yaml(resolved), "config/config.yaml")
+        tracked.log_metrics({"first_layer_norm": init_norm}, step=0)
+        log.info("%s: %d parameters, first_layer_norm at init %.4f, device %s",
+                 type(student).__name__, parameter_count(student), init_norm, device)
+
+        for epoch in range(1, cfg.epochs + 1):
+            student.train()
+            loss_fn.train()
+            sums: dict[str, float] = defaultdict(float)
+            started = time.perf_counter()
+            bar = tqdm(train_batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+                       disable=cfg.quiet, leave=False, dynamic_ncols=True)
+            for step, (images, labels, _) in enumerate(bar, start=1):
+                with devices.autocast(device, cfg.device.precision):
+                    student_out = forward(trained, images, loss_fn.student_features)
+                    teacher_out = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher_out = forward(teacher, images, with_features=loss_fn.teacher_fields != ("logits",))
+                    total, parts = loss_fn(student_out, teacher_out, labels)
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                value = total.item()
+                if not math.isfinite(value):
+                    raise KDResearchError(
+                        f"training diverged: loss is {value} at epoch {epoch}, step {step}; "
+                        f"try a lower optimizer.lr"
+                    )
+                sums["train/loss"] += value
+                for name, part in parts.items():
+                    sums[f"train/{name}"] += part.item()
+                bar.set_postfix(loss=f"{sums['train/loss'] / step:.4f}", refresh=False)
+            epoch_seconds = time.perf_counter() - started
+
+            test_acc, test_loss = evaluate(trained, test_batches, device, cfg.device.precision)
+            metrics = {key: value_sum / len(train_batches) for key, value_sum in sums.items()}
+            metrics.update({
+                "test/acc": test_acc, "test/loss": test_loss,
+                "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": epoch_seconds,
+                "first_layer_norm": first_layer_norm(student),
+            })
+            tracked.log_metrics(metrics, step=epoch)
+            log.info("epoch %d/%d  train/loss %.4f  test/acc %.2f%%  test/loss %.4f  %.1fs",
+                     epoch, cfg.epochs, metrics["train/loss"], test_acc, test_loss, epoch_seconds)
+
+            state = {
+                "format": 1, "model_class": type(student).__name__, "run_id": tracked.run_id,
+                "epoch": epoch, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                "loss": loss_fn.state_dict(), "rng": capture_rng({"data_order": data_order}),
+                "config": OmegaConf.to_yaml(resolved), "metrics": metrics,
+            }
+            save_checkpoint(state, checkpoint_dir / f"epoch_{epoch:04d}.pt")
+            keep_last(checkpoint_dir, "epoch_*.pt", cfg.checkpoint.keep_last)
+
+        final = checkpoint_dir / Path(FINAL_CHECKPOINT).name
+        save_checkpoint(state, final)
+        tracked.log_file(final, str(Path(FINAL_CHECKPOINT).parent))
+    log.info("finished %s: test/acc %.2f%% (run %s)", run_name(cfg), test_acc, tracked.run_id)
+    return JobResult(tracked.run_id, test_acc, final)
+
+
+def _hydra_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)

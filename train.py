@@ -1,0 +1,41 @@
+"""Train one kdresearch job (or a sweep with -m). See README.md; `python train.py --help` lists the options."""
+
+import logging
+import signal
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from kdresearch.errors import KDResearchError
+
+log = logging.getLogger("train")
+
+
+def _terminate(signum, frame):
+    # SIGTERM (a scheduler stopping the job) takes the same path as Ctrl-C: the MLflow run ends
+    # KILLED and the last complete checkpoint stays.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from kdresearch.trainer import run  # after Hydra parsed the command line: --help stays fast
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run(cfg)
+    except KDResearchError as error:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra reports the failing job of the sweep
+        log.error("error: %s", error)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        log.error("interrupted: the MLflow run is marked KILLED; the last epoch checkpoint is kept")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
