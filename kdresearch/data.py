@@ -149,7 +149,7 @@ def load_cifar10(root: str = "data", download: bool = True, verify: bool = True,
 # --- synthetic --------------------------------------------------------------------------------
 
 def make_synthetic(num_train: int = 2000, num_test: int = 500, num_classes: int = 10,
-                   noise: float = 0.6, seed: int = 0,
+                   noise: float = 2.5, seed: int = 0,
                    limit_train: Optional[int] = None, limit_test: Optional[int] = None,
                    mean: Sequence[float] = (0.485, 0.456, 0.406),
                    std: Sequence[float] = (0.229, 0.224, 0.225)) -> ImageData:

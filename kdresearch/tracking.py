@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 from kdresearch.errors import KDResearchError
+
+# A progress bar per artifact download would clutter the training log.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 log = logging.getLogger(__name__)
 

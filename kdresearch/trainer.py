@@ -49,7 +49,7 @@ def run(cfg: DictConfig, output_dir: Optional[Path] = None) -> float:
         from hydra.core.hydra_config import HydraConfig
 
         output_dir = Path(HydraConfig.get().runtime.output_dir)
-    return run_job(cfg, Path(output_dir), overrides=_hydra_overrides()).test_acc
+    return run_job(cfg, Path(output_dir), overrides=_hydra_overrides(), sweep=_hydra_sweep()).test_acc
 
 
 # --- building blocks ----------------------------------------------------------------------------
@@ -119,8 +119,10 @@ def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device, pre
 
 # --- the job --------------------------------------------------------------------------------------
 
-def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = ()) -> JobResult:
-    """Train one job as one MLflow run; `overrides` are the command-line overrides to record."""
+def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
+            sweep: Optional[str] = None) -> JobResult:
+    """Train one job as one MLflow run; `overrides` are the command-line overrides to record and
+    `sweep` names the multirun the job belongs to (tag `sweep`, for filtering in compare.py and the UI)."""
     check_config(cfg)
     devices.set_deterministic(cfg.device.deterministic)
     device = devices.resolve_device(cfg.device.type)
@@ -171,6 +173,8 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = ()) 
     }
     if teacher_run_id:
         tags["teacher_run_id"] = teacher_run_id
+    if sweep:
+        tags["sweep"] = sweep
     params = flatten({k: v for k, v in resolved.items() if k != "hydra"})
     params["parameter_count"] = parameter_count(student)
 
@@ -246,3 +250,13 @@ def _hydra_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return list(HydraConfig.get().overrides.task)
+
+
+def _hydra_sweep() -> Optional[str]:
+    """The multirun's folder relative to the launch folder, e.g. outputs/multirun/2026-11-28/14-03-07."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return str(HydraConfig.get().sweep.dir)
