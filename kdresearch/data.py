@@ -39,13 +39,14 @@ class ImageData:
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    augment: bool = False  # random crop + flip of training batches (BatchIterator)
 
     def fingerprint(self) -> str:
-        """Content hash of images, labels and normalisation: identifies the data a model saw."""
+        """Content hash of images, labels and preprocessing: identifies the data a model saw."""
         digest = hashlib.sha256()
         for tensor in (self.train_images, self.train_labels, self.test_images, self.test_labels):
             digest.update(tensor.contiguous().numpy().tobytes())
-        digest.update(repr((self.mean, self.std)).encode())
+        digest.update(repr((self.mean, self.std, self.augment)).encode())
         return digest.hexdigest()[:16]
 
 
@@ -57,13 +58,13 @@ def _limited(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int], w
     return images[:limit].contiguous(), labels[:limit].contiguous()
 
 
-def _image_data(name, train, test, classes, limit_train, limit_test, mean, std) -> ImageData:
+def _image_data(name, train, test, classes, limit_train, limit_test, mean, std, augment) -> ImageData:
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
         raise KDResearchError(f"data.mean and data.std need 3 values each, std > 0 (got {mean}, {std})")
     train_images, train_labels = _limited(*train, limit_train, "limit_train")
     test_images, test_labels = _limited(*test, limit_test, "limit_test")
     return ImageData(name, train_images, train_labels, test_images, test_labels, tuple(classes),
-                     tuple(float(m) for m in mean), tuple(float(s) for s in std))
+                     tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(augment))
 
 
 # --- CIFAR-10 ---------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def _download_cifar10(root: Path) -> None:
 def load_cifar10(root: str = "data", download: bool = True, verify: bool = True,
                  limit_train: Optional[int] = None, limit_test: Optional[int] = None,
                  mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 std: Sequence[float] = (0.229, 0.224, 0.225)) -> ImageData:
+                 std: Sequence[float] = (0.229, 0.224, 0.225), augment: bool = False) -> ImageData:
     """CIFAR-10 from `root/cifar-10-batches-py` (downloading it with torchvision if allowed).
 
     With `verify`, every batch file must match the official release's md5; a re-encoded copy
@@ -143,7 +144,7 @@ def load_cifar10(root: str = "data", download: bool = True, verify: bool = True,
         with open(meta, "rb") as handle:
             classes = tuple(pickle.load(handle, encoding="latin1")["label_names"])
     return _image_data("cifar10", read(CIFAR10_TRAIN_FILES), read([CIFAR10_TEST_FILE]), classes,
-                       limit_train, limit_test, mean, std)
+                       limit_train, limit_test, mean, std, augment)
 
 
 # --- synthetic --------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def make_synthetic(num_train: int = 2000, num_test: int = 500, num_classes: int 
                    noise: float = 2.5, seed: int = 0,
                    limit_train: Optional[int] = None, limit_test: Optional[int] = None,
                    mean: Sequence[float] = (0.485, 0.456, 0.406),
-                   std: Sequence[float] = (0.229, 0.224, 0.225)) -> ImageData:
+                   std: Sequence[float] = (0.229, 0.224, 0.225), augment: bool = False) -> ImageData:
     """A small offline CIFAR-shaped dataset that a CNN can learn, for demos and tests.
 
     Each class has a smooth random colour pattern (8x8 noise upsampled to 32x32); an image is its
@@ -176,10 +177,24 @@ def make_synthetic(num_train: int = 2000, num_test: int = 500, num_classes: int 
 
     classes = tuple(f"pattern_{index}" for index in range(num_classes))
     return _image_data("synthetic", sample(num_train), sample(num_test), classes,
-                       limit_train, limit_test, mean, std)
+                       limit_train, limit_test, mean, std, augment)
 
 
 # --- batches ----------------------------------------------------------------------------------
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """The usual CIFAR augmentation, per sample: a random 32x32 crop of the zero-padded image
+    (shifts of up to `padding` pixels) and a horizontal flip with probability 1/2."""
+    count, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy, dx = (torch.randint(0, 2 * padding + 1, (count,), generator=generator) for _ in range(2))
+    flip = torch.rand(count, generator=generator) < 0.5
+    rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
+    columns = torch.arange(width).expand(count, width)
+    columns = torch.where(flip[:, None], columns.flip(1), columns) + dx[:, None]
+    return padded[torch.arange(count)[:, None, None, None], torch.arange(3)[None, :, None, None],
+                  rows, columns[:, None, None, :]]
+
 
 class BatchIterator:
     """Batches of normalised float images on `device`, in a seeded order.
@@ -190,8 +205,11 @@ class BatchIterator:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, data: ImageData, batch_size: int,
                  device: torch.device, generator: Optional[torch.Generator] = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, augment: bool = False):
+        if augment and generator is None:
+            raise ValueError("augmentation draws from the shuffling generator; pass one")
         self.images, self.labels = images, labels
+        self.augment = augment
         self.batch_size = batch_size
         self.device = device
         self.generator = generator
@@ -217,6 +235,8 @@ class BatchIterator:
             else:
                 index = order[start:start + self.batch_size]
                 images, labels = self.images[index], self.labels[index]
+            if self.augment:
+                images = random_crop_flip(images, self.generator)
             images = images.to(self.device, non_blocking=True).float()
             images = (images * self.scale + self.shift).contiguous(memory_format=self.memory_format)
             yield images, labels.to(self.device, non_blocking=True), index

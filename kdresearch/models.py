@@ -16,7 +16,7 @@ from torch import nn
 
 
 class ModelOutputs(NamedTuple):
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor] = None  # (N, num_classes); None only in cached teacher outputs
     hidden: Optional[torch.Tensor] = None  # flattened conv output, (N, hidden_dim)
     feature_map: Optional[torch.Tensor] = None  # last conv block's output, (N, C, H, W)
 

@@ -65,10 +65,13 @@ def load_weights(model: nn.Module, checkpoint: dict, source: str) -> None:
 
 
 def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, tracker,
-                   work_dir: Path, train: Callable[[DictConfig, Path], str]) -> Optional[str]:
+                   work_dir: Path, train: Callable[[DictConfig, Path], str],
+                   pinned_run_id: Optional[str] = None) -> Optional[str]:
     """Fill `teacher` with trained weights; return the MLflow run id they came from (None if unknown).
 
     `train(job_cfg, output_dir)` trains a teacher as its own run and returns that run's id.
+    `pinned_run_id` (a resumed job's teacher) takes precedence over the automatic search, so a
+    continuation never switches to a newer teacher.
     """
     if cfg.teacher.checkpoint:
         path = Path(cfg.teacher.checkpoint).expanduser()
@@ -78,8 +81,8 @@ def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, t
         log.info("teacher: loaded from checkpoint %s%s", path, f" (run {run_id})" if run_id else "")
         return run_id
 
-    if cfg.teacher.run_id:
-        run_id = str(cfg.teacher.run_id)
+    if cfg.teacher.run_id or pinned_run_id:
+        run_id = str(cfg.teacher.run_id or pinned_run_id)
         load_weights(teacher, _run_checkpoint(tracker, run_id, work_dir), f"teacher run {run_id}")
         log.info("teacher: loaded from MLflow run %s", run_id)
         return run_id

@@ -152,6 +152,12 @@ class TrackedRun:
             self.run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()]
         )
 
+    def log_metrics_once(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log `metrics` at `step` unless the run already has them (a resumed job's last epoch)."""
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, "test/acc")}
+        if step not in logged:
+            self.log_metrics(metrics, step)
+
     def log_file(self, path: Path, artifact_dir: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
 

@@ -24,13 +24,14 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from kdresearch import devices
-from kdresearch.checkpoint import capture_rng, keep_last, save_checkpoint
+from kdresearch import devices, resume
+from kdresearch.checkpoint import capture_rng, keep_last, restore_rng, save_checkpoint
 from kdresearch.data import BatchIterator, ImageData
 from kdresearch.errors import KDResearchError
 from kdresearch.losses import TrainingLoss
 from kdresearch.models import ModelOutputs, first_layer_norm, parameter_count
 from kdresearch.teacher import FINAL_CHECKPOINT, obtain_teacher, training_config_hash
+from kdresearch.teacher_outputs import teacher_outputs as build_teacher_outputs
 from kdresearch.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,34 @@ def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device, pre
 
 # --- the job --------------------------------------------------------------------------------------
 
+def train_one_epoch(student, loss_fn, teacher_outputs, optimizer, batches, epoch, cfg, device) -> dict:
+    """One pass over the training batches; returns the mean of each loss part as train/<part>."""
+    student.train()
+    loss_fn.train()
+    sums: dict[str, float] = defaultdict(float)
+    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+               disable=cfg.quiet, leave=False, dynamic_ncols=True)
+    for step, (images, labels, index) in enumerate(bar, start=1):
+        with devices.autocast(device, cfg.device.precision):
+            student_out = forward(student, images, loss_fn.student_features)
+            teacher_out = teacher_outputs(images, index) if teacher_outputs else None
+            total, parts = loss_fn(student_out, teacher_out, labels)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        value = total.item()
+        if not math.isfinite(value):
+            raise KDResearchError(
+                f"training diverged: the loss is {value} at epoch {epoch}, step {step}; "
+                f"try a lower optimizer.lr"
+            )
+        sums["train/loss"] += value
+        for name, part in parts.items():
+            sums[f"train/{name}"] += part.item()
+        bar.set_postfix(loss=f"{sums['train/loss'] / step:.4f}", refresh=False)
+    return {key: value_sum / len(batches) for key, value_sum in sums.items()}
+
+
 def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
             sweep: Optional[str] = None) -> JobResult:
     """Train one job as one MLflow run; `overrides` are the command-line overrides to record and
@@ -129,6 +158,12 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
     data: ImageData = build(cfg.data, "data")
     data_fingerprint = data.fingerprint()
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resume_point = None
+    if cfg.resume:
+        resume_point = resume.locate(str(cfg.resume), tracker)
+        resume.check_same_job(resume_point.checkpoint, resolved)
+        output_dir = resume_point.output_dir
     memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
 
     # The student is built right after seeding, so every run of one seed starts from the same
@@ -136,16 +171,21 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
     seed_everything(cfg.seed)
     student: nn.Module = build(cfg.model, "model")
     loss_fn: TrainingLoss = build(cfg.loss, "loss")
-    teacher, teacher_run_id = None, None
+    teacher_outputs, teacher_run_id = None, None
     if loss_fn.needs_teacher:
         with torch.random.fork_rng(devices=[]):
             teacher = build(cfg.teacher.model, "teacher.model")
             loss_fn.check_models(student, teacher)
             teacher_run_id = obtain_teacher(
                 cfg, teacher, data_fingerprint, tracker, output_dir,
-                train=lambda job, folder: run_job(job, folder, ('(teacher trained automatically)',)).run_id,
+                train=lambda job, folder: run_job(job, folder, ("(teacher trained automatically)",)).run_id,
+                pinned_run_id=resume_point.checkpoint.get("teacher_run_id") if resume_point else None,
             )
-        teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+            teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+            teacher_outputs = build_teacher_outputs(
+                teacher, loss_fn.teacher_fields, data, device, cfg.device.precision,
+                cfg.device.channels_last, data.augment, cfg.cache,
+            )
     else:
         loss_fn.check_models(student, None)
     init_norm = first_layer_norm(student)
@@ -156,90 +196,83 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
 
     data_order = torch.Generator().manual_seed(cfg.seed)
     train_batches = BatchIterator(data.train_images, data.train_labels, data, cfg.batch_size, device,
-                                  generator=data_order, channels_last=cfg.device.channels_last)
+                                  generator=data_order, channels_last=cfg.device.channels_last,
+                                  augment=data.augment)
     test_batches = BatchIterator(data.test_images, data.test_labels, data, 256, device,
                                  channels_last=cfg.device.channels_last)
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    is_teacher = cfg.loss.name == "ce" and cfg.model.name == cfg.teacher.model.name
-    tags = {
-        "role": "teacher" if is_teacher else "student",
-        "model": cfg.model.name,
-        "loss": cfg.loss.name,
-        "config_hash": training_config_hash(cfg, data_fingerprint),
-        "data_fingerprint": data_fingerprint,
-        "device": str(device),
-        "overrides": " ".join(overrides),
-    }
-    if teacher_run_id:
-        tags["teacher_run_id"] = teacher_run_id
-    if sweep:
-        tags["sweep"] = sweep
-    params = flatten({k: v for k, v in resolved.items() if k != "hydra"})
-    params["parameter_count"] = parameter_count(student)
+    first_epoch = 1
+    if resume_point is None:
+        is_teacher = cfg.loss.name == "ce" and cfg.model.name == cfg.teacher.model.name
+        tags = {
+            "role": "teacher" if is_teacher else "student",
+            "model": cfg.model.name,
+            "loss": cfg.loss.name,
+            "config_hash": training_config_hash(cfg, data_fingerprint),
+            "data_fingerprint": data_fingerprint,
+            "device": str(device),
+            "output_dir": str(output_dir.resolve()),
+            "overrides": " ".join(overrides),
+        }
+        if teacher_run_id:
+            tags["teacher_run_id"] = teacher_run_id
+        if sweep:
+            tags["sweep"] = sweep
+        params = flatten({k: v for k, v in resolved.items() if k not in resume.FREE_KEYS})
+        params["parameter_count"] = parameter_count(student)
+        tracked = tracker.start_run(run_name(cfg), tags, params)
+    else:
+        checkpoint = resume_point.checkpoint
+        student.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        loss_fn.load_state_dict(checkpoint["loss"])
+        restore_rng(checkpoint["rng"], {"data_order": data_order})
+        first_epoch = checkpoint["epoch"] + 1
+        tracked = tracker.resume_run(resume_point.run_id)
 
     checkpoint_dir = output_dir / "checkpoints"
-    with tracker.start_run(run_name(cfg), tags, params) as tracked:
+    with tracked:
         log.info("MLflow run %s (%s) in %s, experiment %s", tracked.run_id, run_name(cfg), tracker.uri,
                  cfg.tracking.experiment)
-        tracked.log_text(OmegaConf.to_yaml(resolved), "config/config.yaml")
-        tracked.log_metrics({"first_layer_norm": init_norm}, step=0)
-        log.info("%s: %d parameters, first_layer_norm at init %.4f, device %s",
-                 type(student).__name__, parameter_count(student), init_norm, device)
-
-        for epoch in range(1, cfg.epochs + 1):
-            student.train()
-            loss_fn.train()
-            sums: dict[str, float] = defaultdict(float)
+        if resume_point is None:
+            tracked.log_text(OmegaConf.to_yaml(resolved), "config/config.yaml")
+            tracked.log_metrics({"first_layer_norm": init_norm}, step=0)
+            log.info("%s: %d parameters, first_layer_norm at init %.4f, device %s",
+                     type(student).__name__, parameter_count(student), init_norm, device)
+        else:
+            tracked.log_metrics_once(resume_point.checkpoint["metrics"], step=first_epoch - 1)
+        state = resume_point.checkpoint if resume_point else None
+        for epoch in range(first_epoch, cfg.epochs + 1):
             started = time.perf_counter()
-            bar = tqdm(train_batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-                       disable=cfg.quiet, leave=False, dynamic_ncols=True)
-            for step, (images, labels, _) in enumerate(bar, start=1):
-                with devices.autocast(device, cfg.device.precision):
-                    student_out = forward(trained, images, loss_fn.student_features)
-                    teacher_out = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            teacher_out = forward(teacher, images, with_features=loss_fn.teacher_fields != ("logits",))
-                    total, parts = loss_fn(student_out, teacher_out, labels)
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-                value = total.item()
-                if not math.isfinite(value):
-                    raise KDResearchError(
-                        f"training diverged: loss is {value} at epoch {epoch}, step {step}; "
-                        f"try a lower optimizer.lr"
-                    )
-                sums["train/loss"] += value
-                for name, part in parts.items():
-                    sums[f"train/{name}"] += part.item()
-                bar.set_postfix(loss=f"{sums['train/loss'] / step:.4f}", refresh=False)
+            metrics = train_one_epoch(trained, loss_fn, teacher_outputs, optimizer, train_batches, epoch, cfg, device)
             epoch_seconds = time.perf_counter() - started
-
             test_acc, test_loss = evaluate(trained, test_batches, device, cfg.device.precision)
-            metrics = {key: value_sum / len(train_batches) for key, value_sum in sums.items()}
             metrics.update({
                 "test/acc": test_acc, "test/loss": test_loss,
                 "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": epoch_seconds,
                 "first_layer_norm": first_layer_norm(student),
             })
-            tracked.log_metrics(metrics, step=epoch)
-            log.info("epoch %d/%d  train/loss %.4f  test/acc %.2f%%  test/loss %.4f  %.1fs",
-                     epoch, cfg.epochs, metrics["train/loss"], test_acc, test_loss, epoch_seconds)
-
+            # The checkpoint (holding this epoch's metrics) goes first: a kill between the two
+            # writes is repaired on resume by log_metrics_once.
             state = {
                 "format": 1, "model_class": type(student).__name__, "run_id": tracked.run_id,
-                "epoch": epoch, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                "teacher_run_id": teacher_run_id, "epoch": epoch,
+                "model": student.state_dict(), "optimizer": optimizer.state_dict(),
                 "loss": loss_fn.state_dict(), "rng": capture_rng({"data_order": data_order}),
                 "config": OmegaConf.to_yaml(resolved), "metrics": metrics,
             }
             save_checkpoint(state, checkpoint_dir / f"epoch_{epoch:04d}.pt")
             keep_last(checkpoint_dir, "epoch_*.pt", cfg.checkpoint.keep_last)
+            tracked.log_metrics(metrics, step=epoch)
+            log.info("epoch %d/%d  train/loss %.4f  test/acc %.2f%%  test/loss %.4f  %.1fs",
+                     epoch, cfg.epochs, metrics["train/loss"], test_acc, test_loss, epoch_seconds)
 
         final = checkpoint_dir / Path(FINAL_CHECKPOINT).name
         save_checkpoint(state, final)
         tracked.log_file(final, str(Path(FINAL_CHECKPOINT).parent))
+        if teacher_outputs is not None:
+            tracked.set_tags({"teacher_cache": "used" if teacher_outputs.used_cache else "online"})
+    test_acc = state["metrics"]["test/acc"]
     log.info("finished %s: test/acc %.2f%% (run %s)", run_name(cfg), test_acc, tracked.run_id)
     return JobResult(tracked.run_id, test_acc, final)
 

@@ -1,0 +1,78 @@
+"""Continuing an interrupted job: find its newest complete checkpoint and check it is the same job.
+
+`resume=` takes the job's Hydra run folder (outputs/<date>/<time>) or its MLflow run id; the run
+records its folder in the tag `output_dir`. Checkpoints are written atomically, so the newest
+file is complete unless the disk itself failed; an unreadable one is skipped for the one before.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from kdresearch.checkpoint import load_checkpoint
+from kdresearch.errors import KDResearchError
+from kdresearch.tracking import flatten
+
+log = logging.getLogger(__name__)
+
+# Keys that may differ between the interrupted job and its continuation.
+FREE_KEYS = ("resume", "quiet")
+
+
+@dataclass
+class ResumePoint:
+    checkpoint: dict
+    run_id: str
+    output_dir: Path  # the original job folder: checkpoints keep going there
+
+
+def locate(spec: str, tracker) -> ResumePoint:
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        folder = _folder_of_run(spec, tracker)
+    candidates = sorted((folder / "checkpoints").glob("epoch_*.pt"), reverse=True)
+    for path in candidates:
+        try:
+            checkpoint = load_checkpoint(path)
+        except KDResearchError as error:
+            log.warning("resume: skipping %s (%s)", path, error)
+            continue
+        log.info("resume: continuing MLflow run %s from %s (epoch %d done)",
+                 checkpoint["run_id"], path, checkpoint["epoch"])
+        return ResumePoint(checkpoint, checkpoint["run_id"], folder)
+    raise KDResearchError(
+        f"resume={spec}: no complete checkpoint in {folder / 'checkpoints'} (the job ended before its "
+        f"first epoch finished); start it again without resume"
+    )
+
+
+def _folder_of_run(run_id: str, tracker) -> Path:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = tracker.client.get_run(run_id)
+    except MlflowException:
+        raise KDResearchError(
+            f"resume={run_id} is neither a job folder nor an MLflow run id in {tracker.uri}"
+        ) from None
+    folder = run.data.tags.get("output_dir")
+    if not folder or not Path(folder).is_dir():
+        raise KDResearchError(f"resume={run_id}: the run's job folder {folder!r} is not on this machine")
+    return Path(folder)
+
+
+def check_same_job(checkpoint: dict, resolved: dict) -> None:
+    """Refuse to continue a run with other settings: its metrics would mix two experiments."""
+    before = flatten(OmegaConf.to_container(OmegaConf.create(checkpoint["config"])))
+    now = flatten(resolved)
+    differing = sorted(
+        key for key in before.keys() | now.keys()
+        if key.split(".")[0] not in FREE_KEYS and before.get(key) != now.get(key)
+    )
+    if differing:
+        shown = ", ".join(f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in differing[:5])
+        raise KDResearchError(f"resume: give the interrupted job's overrides again; these differ: {shown}")

@@ -1,0 +1,138 @@
+"""What the loss needs from the teacher, per batch: computed online, or looked up in a cache.
+
+The teacher is frozen and in eval mode, so without random augmentation its outputs for a given
+training image never change. `CachedTeacher` computes the fields the loss reads (logits, hidden
+vector, feature map) once over the training set and keeps them on disk, keyed by content hashes of
+(teacher weights, data and normalisation, precision, memory format, torch version), so every
+later epoch, run and sweep job of the same teacher skips the teacher's forward pass (about 96 % of
+a KD step's FLOPs). Files live in `cache.dir` (default `.cache/teacher_outputs` in the project
+folder), the folder is kept under `cache.max_gb` by deleting the least recently used entries, and
+`python scripts/teacher_cache.py --clear` empties it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kdresearch import devices
+from kdresearch.checkpoint import load_checkpoint, save_checkpoint
+from kdresearch.data import BatchIterator, ImageData
+from kdresearch.errors import KDResearchError
+from kdresearch.models import ModelOutputs
+from kdresearch.tracking import PROJECT_ROOT, FileLock
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = PROJECT_ROOT / ".cache" / "teacher_outputs"
+
+
+class OnlineTeacher:
+    """Runs the teacher on every batch (needed when inputs are randomly augmented)."""
+
+    used_cache = False
+
+    def __init__(self, teacher: nn.Module, fields: tuple[str, ...], device: torch.device, precision: str):
+        self.teacher, self.fields = teacher, fields
+        self.device, self.precision = device, precision
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ModelOutputs:
+        with devices.autocast(self.device, self.precision):
+            return self.teacher(images, with_features=True)
+
+
+class CachedTeacher:
+    """Teacher outputs for every training image, looked up by the batch's sample indices."""
+
+    used_cache = True
+
+    def __init__(self, outputs: dict[str, torch.Tensor], device: torch.device):
+        self.outputs = outputs
+        self.device = device
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ModelOutputs:
+        return ModelOutputs(**{
+            field: values[index].to(self.device, non_blocking=True) for field, values in self.outputs.items()
+        })
+
+
+def cache_key(teacher: nn.Module, data: ImageData, precision: str, channels_last: bool) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(f"{data.fingerprint()}|{precision}|{channels_last}|{torch.__version__}".encode())
+    return digest.hexdigest()[:24]
+
+
+@torch.no_grad()
+def _compute(teacher: nn.Module, fields: tuple[str, ...], data: ImageData, device: torch.device,
+             precision: str, channels_last: bool) -> dict[str, torch.Tensor]:
+    batches = BatchIterator(data.train_images, data.train_labels, data, 256, device, channels_last=channels_last)
+    parts: dict[str, list[torch.Tensor]] = {field: [] for field in fields}
+    for images, _, _ in batches:
+        with devices.autocast(device, precision):
+            out = teacher(images, with_features=True)
+        for field in fields:
+            # Stored as computed (bf16 stays bf16), contiguous NCHW for compact, fast indexing.
+            parts[field].append(getattr(out, field).contiguous().cpu())
+    return {field: torch.cat(values) for field, values in parts.items()}
+
+
+def _enforce_size_limit(folder: Path, max_bytes: float) -> None:
+    entries = sorted(folder.glob("*.pt"), key=lambda path: path.stat().st_mtime)
+    total = sum(path.stat().st_size for path in entries)
+    for path in entries[:-1]:  # never the entry just written
+        if total <= max_bytes:
+            break
+        total -= path.stat().st_size
+        path.unlink(missing_ok=True)
+        log.info("teacher cache: removed least recently used %s (cache.max_gb)", path.name)
+
+
+def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: ImageData, device: torch.device,
+                    precision: str, channels_last: bool, augment: bool, cache_cfg):
+    """An `OnlineTeacher` or a `CachedTeacher` (built or read from disk) for this job."""
+    if augment or not cache_cfg.enabled:
+        reason = "data.augment is on" if augment else "cache.enabled=false"
+        log.info("teacher outputs: computed online (%s)", reason)
+        return OnlineTeacher(teacher, fields, device, precision)
+    folder = Path(cache_cfg.dir).expanduser() if cache_cfg.dir else DEFAULT_CACHE_DIR
+    key = cache_key(teacher, data, precision, channels_last)
+    path = folder / f"{key}-{'-'.join(fields)}.pt"
+    with FileLock(folder / ".locks" / f"{path.name}.lock"):  # parallel jobs build it once
+        outputs = None
+        if path.is_file():
+            try:
+                outputs = load_checkpoint(path)
+                os.utime(path)  # mark as recently used
+                log.info("teacher outputs: cached, read from %s", path)
+            except KDResearchError as error:
+                log.warning("teacher cache: ignoring unreadable %s (%s); rebuilding", path, error)
+        if outputs is None:
+            outputs = _compute(teacher, fields, data, device, precision, channels_last)
+            size_gb = sum(t.numel() * t.element_size() for t in outputs.values()) / 1e9
+            try:
+                save_checkpoint(outputs, path)
+                _enforce_size_limit(folder, cache_cfg.max_gb * 1e9)
+                log.info("teacher outputs: cached, built and saved to %s (%.2f GB)", path, size_gb)
+            except KDResearchError as error:  # a full disk costs speed, never the run
+                log.warning("teacher cache: could not save (%s); using it in memory only", error)
+    return CachedTeacher(outputs, device)
+
+
+def clear_cache(folder: Optional[Path] = None) -> int:
+    """Delete every cached entry; returns the number of bytes freed."""
+    folder = folder or DEFAULT_CACHE_DIR
+    freed = 0
+    for path in folder.glob("*.pt"):
+        freed += path.stat().st_size
+        path.unlink(missing_ok=True)
+    return freed
