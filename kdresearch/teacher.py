@@ -108,6 +108,7 @@ def _run_checkpoint(tracker, run_id: str, work_dir: Path) -> dict:
     from mlflow.exceptions import MlflowException
 
     try:
+        work_dir.mkdir(parents=True, exist_ok=True)
         destination = Path(tempfile.mkdtemp(prefix="teacher-", dir=work_dir))
         path = tracker.download_artifact(run_id, FINAL_CHECKPOINT, destination)
     except (MlflowException, OSError) as error:
