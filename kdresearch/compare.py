@@ -39,9 +39,9 @@ HISTORY_KEYS = ("test/acc", "train/loss", "first_layer_norm", "epoch_seconds")
 MAX_RUNS = 50_000  # MLflow's cap on one search
 
 # Params that say how or where a job ran, not what it trained: equal configurations may differ in them.
-NOT_IDENTITY = {"seed", "T", "quiet", "parameter_count", "data.root", "data.download", "data.verify",
+NOT_IDENTITY = {"seed", "T", "quiet", "resume", "parameter_count", "data.root", "data.download", "data.verify",
                 "teacher.checkpoint", "teacher.run_id"}
-NOT_IDENTITY_PREFIXES = ("tracking.", "checkpoint.", "hydra.")
+NOT_IDENTITY_PREFIXES = ("tracking.", "checkpoint.", "cache.", "hydra.")
 IDENTITY_DEVICE_KEYS = {"device.precision"}  # the only device switch that changes the trained weights
 INIT_NORM_TOLERANCE = 1e-6
 
@@ -426,15 +426,19 @@ def write_figure(rows: Sequence[Row], path: Path, title: str) -> Path:
     """Test accuracy and train loss per epoch, one line per row (band: ± std over seeds)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2)
-    for ax, key, ylabel in ((axes[0], "test/acc", "test accuracy (%)"), (axes[1], "train/loss", "train loss")):
+    epochs: set[int] = set()
+    for ax, key, ylabel in ((axes[0], "test/acc", "test accuracy (%)"),
+                            (axes[1], "train/loss", "train loss (each run's own objective)")):
         for row in rows:
             steps, means, stds = _curve(row, key)
             if not steps:
                 continue
+            epochs.update(steps)
             (line,) = ax.plot(steps, means, marker="o", markersize=3, label=row.label)
             if stds is not None:
                 ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
@@ -442,7 +446,10 @@ def write_figure(rows: Sequence[Row], path: Path, title: str) -> Path:
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if 0 < len(epochs) <= 20:
+            ax.set_xticks(sorted(epochs))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize="small")
     figure.suptitle(title)
     figure.savefig(path)
