@@ -200,16 +200,19 @@ class BatchIterator:
     """Batches of normalised float images on `device`, in a seeded order.
 
     `generator` (a CPU torch.Generator) shuffles once per pass; its state belongs to the
-    training run's checkpoint. None means the stored order (evaluation).
+    training run's checkpoint. None means the stored order (evaluation). With `shard=(rank, size)`
+    each of `size` data-parallel processes draws the same permutation and takes every size-th
+    sample of each global batch, so `batch_size` stays the global batch size.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, data: ImageData, batch_size: int,
                  device: torch.device, generator: Optional[torch.Generator] = None,
-                 channels_last: bool = False, augment: bool = False):
+                 channels_last: bool = False, augment: bool = False, shard: tuple[int, int] = (0, 1)):
         if augment and generator is None:
             raise ValueError("augmentation draws from the shuffling generator; pass one")
         self.images, self.labels = images, labels
         self.augment = augment
+        self.rank, self.world_size = shard  # data-parallel: this process's share of each batch
         self.batch_size = batch_size
         self.device = device
         self.generator = generator
@@ -233,7 +236,7 @@ class BatchIterator:
                 images = self.images[start:start + self.batch_size]
                 labels = self.labels[start:start + self.batch_size]
             else:
-                index = order[start:start + self.batch_size]
+                index = order[start:start + self.batch_size][self.rank::self.world_size]
                 images, labels = self.images[index], self.labels[index]
             if self.augment:
                 images = random_crop_flip(images, self.generator)

@@ -181,6 +181,21 @@ class TrackedRun:
         return False
 
 
+class NullRun:
+    """Stands in for TrackedRun on data-parallel ranks other than 0, which log nothing."""
+
+    run_id = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self) -> "NullRun":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
 def flatten(config: Mapping, prefix: str = "") -> dict[str, object]:
     """{'loss': {'T': 2}} -> {'loss.T': 2}; lists stay whole values."""
     flat: dict[str, object] = {}

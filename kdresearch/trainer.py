@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from kdresearch import devices, resume
+from kdresearch import devices, distributed, resume
 from kdresearch.checkpoint import capture_rng, keep_last, restore_rng, save_checkpoint
 from kdresearch.data import BatchIterator, ImageData
 from kdresearch.errors import KDResearchError
@@ -32,7 +32,7 @@ from kdresearch.losses import TrainingLoss
 from kdresearch.models import ModelOutputs, first_layer_norm, parameter_count
 from kdresearch.teacher import FINAL_CHECKPOINT, obtain_teacher, training_config_hash
 from kdresearch.teacher_outputs import teacher_outputs as build_teacher_outputs
-from kdresearch.tracking import Tracker, flatten
+from kdresearch.tracking import NullRun, Tracker, flatten
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,10 @@ def run(cfg: DictConfig, output_dir: Optional[Path] = None) -> float:
         from hydra.core.hydra_config import HydraConfig
 
         output_dir = Path(HydraConfig.get().runtime.output_dir)
-    return run_job(cfg, Path(output_dir), overrides=_hydra_overrides(), sweep=_hydra_sweep()).test_acc
+    try:
+        return run_job(cfg, Path(output_dir), overrides=_hydra_overrides(), sweep=_hydra_sweep()).test_acc
+    finally:
+        distributed.shutdown()
 
 
 # --- building blocks ----------------------------------------------------------------------------
@@ -120,8 +123,11 @@ def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device, pre
 
 # --- the job --------------------------------------------------------------------------------------
 
-def train_one_epoch(student, loss_fn, teacher_outputs, optimizer, batches, epoch, cfg, device) -> dict:
-    """One pass over the training batches; returns the mean of each loss part as train/<part>."""
+def train_one_epoch(student, loss_fn, loss_call, teacher_outputs, optimizer, batches, epoch, cfg, device) -> dict:
+    """One pass over the training batches; returns the mean of each loss part as train/<part>.
+
+    `loss_call` is `loss_fn` itself, or its DDP wrapper when the loss owns parameters.
+    """
     student.train()
     loss_fn.train()
     sums: dict[str, float] = defaultdict(float)
@@ -131,7 +137,7 @@ def train_one_epoch(student, loss_fn, teacher_outputs, optimizer, batches, epoch
         with devices.autocast(device, cfg.device.precision):
             student_out = forward(student, images, loss_fn.student_features)
             teacher_out = teacher_outputs(images, index) if teacher_outputs else None
-            total, parts = loss_fn(student_out, teacher_out, labels)
+            total, parts = loss_call(student_out, teacher_out, labels)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -148,20 +154,59 @@ def train_one_epoch(student, loss_fn, teacher_outputs, optimizer, batches, epoch
     return {key: value_sum / len(batches) for key, value_sum in sums.items()}
 
 
+def setup_teacher(cfg, world, student, loss_fn, data, tracker, output_dir, device, pinned_run_id):
+    """(teacher outputs provider, teacher run id) for a teacher-based loss.
+
+    Rank 0 finds or trains the teacher; when it must train one, every rank joins that job (the
+    teacher trains data-parallel too) and rank 0's weights are then broadcast to all.
+    """
+    with torch.random.fork_rng(devices=[]):  # the student's RNG stream stays untouched
+        teacher = build(cfg.teacher.model, "teacher.model")
+        loss_fn.check_models(student, teacher)
+
+        def train_teacher(job: DictConfig, folder: Path) -> str:
+            distributed.broadcast_object(world, ("train", OmegaConf.to_container(job)))
+            return run_job(job, folder, ("(teacher trained automatically)",)).run_id
+
+        if world.is_main:
+            teacher_run_id = obtain_teacher(cfg, teacher, data.fingerprint(), tracker, output_dir,
+                                            train=train_teacher, pinned_run_id=pinned_run_id)
+            distributed.broadcast_object(world, ("done", teacher_run_id))
+        else:
+            while True:
+                command, payload = distributed.broadcast_object(world)
+                if command == "done":
+                    teacher_run_id = payload
+                    break
+                run_job(OmegaConf.create(payload), output_dir / "teacher")
+        distributed.broadcast_module(world, teacher)
+        memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
+        teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+        outputs = build_teacher_outputs(teacher, loss_fn.teacher_fields, data, device, cfg.device.precision,
+                                        cfg.device.channels_last, data.augment, cfg.cache)
+    return outputs, teacher_run_id
+
+
 def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
             sweep: Optional[str] = None) -> JobResult:
     """Train one job as one MLflow run; `overrides` are the command-line overrides to record and
-    `sweep` names the multirun the job belongs to (tag `sweep`, for filtering in compare.py and the UI)."""
+    `sweep` names the multirun the job belongs to (tag `sweep`, for filtering in compare.py and the UI).
+    Under torchrun every rank calls this; rank 0 alone tracks, checkpoints and evaluates."""
     check_config(cfg)
     devices.set_deterministic(cfg.device.deterministic)
     device = devices.resolve_device(cfg.device.type)
+    world = distributed.init(device.type)
+    device = distributed.device_for(world, device)
     data: ImageData = build(cfg.data, "data")
     data_fingerprint = data.fingerprint()
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if world.is_main else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resume_point = None
     if cfg.resume:
-        resume_point = resume.locate(str(cfg.resume), tracker)
+        # Rank 0 may need MLflow to find the job folder; the others follow its answer.
+        folder = distributed.broadcast_object(
+            world, str(resume.locate(str(cfg.resume), tracker).output_dir) if world.is_main else None)
+        resume_point = resume.locate(folder, tracker)
         resume.check_same_job(resume_point.checkpoint, resolved)
         output_dir = resume_point.output_dir
     memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
@@ -173,36 +218,40 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
     loss_fn: TrainingLoss = build(cfg.loss, "loss")
     teacher_outputs, teacher_run_id = None, None
     if loss_fn.needs_teacher:
-        with torch.random.fork_rng(devices=[]):
-            teacher = build(cfg.teacher.model, "teacher.model")
-            loss_fn.check_models(student, teacher)
-            teacher_run_id = obtain_teacher(
-                cfg, teacher, data_fingerprint, tracker, output_dir,
-                train=lambda job, folder: run_job(job, folder, ("(teacher trained automatically)",)).run_id,
-                pinned_run_id=resume_point.checkpoint.get("teacher_run_id") if resume_point else None,
-            )
-            teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
-            teacher_outputs = build_teacher_outputs(
-                teacher, loss_fn.teacher_fields, data, device, cfg.device.precision,
-                cfg.device.channels_last, data.augment, cfg.cache,
-            )
+        teacher_outputs, teacher_run_id = setup_teacher(
+            cfg, world, student, loss_fn, data, tracker, output_dir, device,
+            pinned_run_id=resume_point.checkpoint.get("teacher_run_id") if resume_point else None)
     else:
         loss_fn.check_models(student, None)
     init_norm = first_layer_norm(student)
     student.to(device, memory_format=memory_format)
     loss_fn.to(device)
     optimizer = build(cfg.optimizer, "optimizer", itertools.chain(student.parameters(), loss_fn.parameters()))
-    trained = torch.compile(student) if cfg.device.compile else student
 
     data_order = torch.Generator().manual_seed(cfg.seed)
     train_batches = BatchIterator(data.train_images, data.train_labels, data, cfg.batch_size, device,
                                   generator=data_order, channels_last=cfg.device.channels_last,
-                                  augment=data.augment)
+                                  augment=data.augment, shard=(world.rank, world.size))
     test_batches = BatchIterator(data.test_images, data.test_labels, data, 256, device,
                                  channels_last=cfg.device.channels_last)
 
     first_epoch = 1
-    if resume_point is None:
+    if resume_point is not None:
+        checkpoint = resume_point.checkpoint
+        student.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        loss_fn.load_state_dict(checkpoint["loss"])
+        restore_rng(checkpoint["rng"], {"data_order": data_order})
+        first_epoch = checkpoint["epoch"] + 1
+    trained = distributed.wrap(world, student, device)
+    trained = torch.compile(trained) if cfg.device.compile else trained
+    loss_call = distributed.wrap(world, loss_fn, device)
+
+    if not world.is_main:
+        tracked = NullRun()
+    elif resume_point is not None:
+        tracked = tracker.resume_run(resume_point.run_id)
+    else:
         is_teacher = cfg.loss.name == "ce" and cfg.model.name == cfg.teacher.model.name
         tags = {
             "role": "teacher" if is_teacher else "student",
@@ -210,7 +259,7 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
             "loss": cfg.loss.name,
             "config_hash": training_config_hash(cfg, data_fingerprint),
             "data_fingerprint": data_fingerprint,
-            "device": str(device),
+            "device": str(device) if not world.active else f"{device.type} x{world.size} (DDP)",
             "output_dir": str(output_dir.resolve()),
             "overrides": " ".join(overrides),
         }
@@ -221,19 +270,12 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
         params = flatten({k: v for k, v in resolved.items() if k not in resume.FREE_KEYS})
         params["parameter_count"] = parameter_count(student)
         tracked = tracker.start_run(run_name(cfg), tags, params)
-    else:
-        checkpoint = resume_point.checkpoint
-        student.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        loss_fn.load_state_dict(checkpoint["loss"])
-        restore_rng(checkpoint["rng"], {"data_order": data_order})
-        first_epoch = checkpoint["epoch"] + 1
-        tracked = tracker.resume_run(resume_point.run_id)
 
     checkpoint_dir = output_dir / "checkpoints"
     with tracked:
-        log.info("MLflow run %s (%s) in %s, experiment %s", tracked.run_id, run_name(cfg), tracker.uri,
-                 cfg.tracking.experiment)
+        if world.is_main:
+            log.info("MLflow run %s (%s) in %s, experiment %s", tracked.run_id, run_name(cfg), tracker.uri,
+                     cfg.tracking.experiment)
         if resume_point is None:
             tracked.log_text(OmegaConf.to_yaml(resolved), "config/config.yaml")
             tracked.log_metrics({"first_layer_norm": init_norm}, step=0)
@@ -244,9 +286,13 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
         state = resume_point.checkpoint if resume_point else None
         for epoch in range(first_epoch, cfg.epochs + 1):
             started = time.perf_counter()
-            metrics = train_one_epoch(trained, loss_fn, teacher_outputs, optimizer, train_batches, epoch, cfg, device)
+            metrics = train_one_epoch(trained, loss_fn, loss_call, teacher_outputs, optimizer,
+                                      train_batches, epoch, cfg, device)
+            metrics = distributed.average(world, metrics)
             epoch_seconds = time.perf_counter() - started
-            test_acc, test_loss = evaluate(trained, test_batches, device, cfg.device.precision)
+            if not world.is_main:
+                continue
+            test_acc, test_loss = evaluate(student, test_batches, device, cfg.device.precision)
             metrics.update({
                 "test/acc": test_acc, "test/loss": test_loss,
                 "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": epoch_seconds,
@@ -268,10 +314,13 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
                      epoch, cfg.epochs, metrics["train/loss"], test_acc, test_loss, epoch_seconds)
 
         final = checkpoint_dir / Path(FINAL_CHECKPOINT).name
-        save_checkpoint(state, final)
-        tracked.log_file(final, str(Path(FINAL_CHECKPOINT).parent))
-        if teacher_outputs is not None:
-            tracked.set_tags({"teacher_cache": "used" if teacher_outputs.used_cache else "online"})
+        if world.is_main:
+            save_checkpoint(state, final)
+            tracked.log_file(final, str(Path(FINAL_CHECKPOINT).parent))
+            if teacher_outputs is not None:
+                tracked.set_tags({"teacher_cache": "used" if teacher_outputs.used_cache else "online"})
+    if not world.is_main:
+        return JobResult("", float("nan"), final)
     test_acc = state["metrics"]["test/acc"]
     log.info("finished %s: test/acc %.2f%% (run %s)", run_name(cfg), test_acc, tracked.run_id)
     return JobResult(tracked.run_id, test_acc, final)
