@@ -12,7 +12,9 @@ import itertools
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from omegaconf import OmegaConf
@@ -61,6 +63,8 @@ def run_train(store: Path, *overrides: str, timeout: float = 600) -> subprocess.
     env = dict(os.environ)
     env.pop("HYDRA_FULL_ERROR", None)  # users see the short error, so tests do too
     env["PYTHONUNBUFFERED"] = "1"
+    # One compute thread per job: tests run two jobs side by side (run_parallel) on 2 cores.
+    env.setdefault("OMP_NUM_THREADS", "1")
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     done.output = done.stdout + done.stderr
     done.run_dir = run_dir
@@ -71,6 +75,15 @@ def check_ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """Fail with the job's own output when it did not exit 0."""
     assert done.returncode == 0, f"{' '.join(done.args)}\nexit {done.returncode}\n{done.output[-6000:]}"
     return done
+
+
+def run_parallel(tasks: dict[str, Callable[[], object]], workers: int = 2) -> dict[str, object]:
+    """Run independent tasks (each typically one or a chain of `run_train` calls) `workers` at a
+    time: a job's start-up (imports, store) is single-threaded, so two at once halve the wall time
+    on 2 cores. Returns {name: result}; a task's exception is re-raised here."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(task) for name, task in tasks.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
 def mlflow_client(store: Path):
