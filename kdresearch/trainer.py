@@ -293,6 +293,10 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
             if not world.is_main:
                 continue
             test_acc, test_loss = evaluate(student, test_batches, device, cfg.device.precision)
+            if not math.isfinite(test_loss):  # finite training losses can still hide inf weights
+                raise KDResearchError(
+                    f"training diverged: test/loss is {test_loss} after epoch {epoch}; try a lower optimizer.lr"
+                )
             metrics.update({
                 "test/acc": test_acc, "test/loss": test_loss,
                 "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": epoch_seconds,
