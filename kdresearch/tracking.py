@@ -42,7 +42,7 @@ def _sqlite_path(uri: str) -> Optional[Path]:
     return Path(uri[len("sqlite:///"):])
 
 
-def _check_server(uri: str, timeout: float = 5.0) -> None:
+def _check_server(uri: str, timeout: float = 15.0) -> None:
     """Fail fast with one message when a tracking server is unreachable (MLflow would retry for minutes)."""
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
@@ -85,16 +85,17 @@ class Tracker:
         if self.uri.startswith(("http://", "https://")):
             _check_server(self.uri)
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
         # Locks that jobs of one machine share (store creation, training a shared teacher once).
         self.lock_dir = (db_path.parent if db_path else Path.home() / ".cache" / "kdresearch") / ".locks"
         if db_path is not None:
             # Several jobs creating a fresh SQLite store at once race on its schema; one at a time.
             db_path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(self.lock_dir / f"{db_path.name}.lock"):
+                self.client = MlflowClient(self.uri)  # creates and migrates a new store's schema
                 # Artifacts sit next to the database, not in ./mlruns of whichever folder a job runs in.
                 self.experiment_id = self._experiment_id(experiment, (db_path.parent / "mlartifacts").as_uri())
         else:
+            self.client = MlflowClient(self.uri)
             self.experiment_id = self._experiment_id(experiment, None)
 
     def _experiment_id(self, name: str, artifact_location: Optional[str]) -> str:
