@@ -1,0 +1,910 @@
+"""Fault tolerance (issue 5): resume after a kill, interrupts, divergence, untrusted checkpoint
+files, tracking-server and SQLite faults, the determinism switch, and bounded disk use.
+
+Integration tests run real `python train.py` subprocesses from the repository root, each on an
+SQLite MLflow store, job folder and teacher-output cache inside pytest's temporary folder, and
+stop them with real signals. Jobs are tiny (synthetic data, <= 1024 training images, <= 4 epochs)
+and run single-threaded (OMP_NUM_THREADS=1, identical for every job a test compares), so the
+file stays fast on a shared 2-core machine: jobs that need no precise timing start together in
+the background when the module starts (`background`), and stores start from a copy of an empty,
+already-migrated MLflow database (except the test of parallel jobs on a fresh store). Unit tests
+call kdresearch.checkpoint, .resume, .devices, .tracking and .teacher_outputs directly.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pickle
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kdresearch import checkpoint as ckpt
+from kdresearch import devices, resume, teacher_outputs
+from kdresearch.errors import KDResearchError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PY = REPO_ROOT / "train.py"
+EXPERIMENT = "kdresearch"
+
+# A job long enough to be killed between epochs 2 and 4, short enough to run often. The
+# uninterrupted baseline, the killed jobs and their continuations all use exactly these.
+RESUMABLE = ("epochs=4", "data.limit_train=1024", "data.limit_test=128", "checkpoint.keep_last=2")
+TINY = ("epochs=1", "data.limit_train=256", "data.limit_test=128")
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def tracking_uri(store: Path) -> str:
+    return f"sqlite:///{Path(store).resolve() / 'mlflow.db'}"
+
+
+def job_env() -> dict:
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)  # users see the short error, so tests do too
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+class Job:
+    """One `python train.py ...` subprocess; its stdout+stderr go to a log file (no pipe to fill)."""
+
+    def __init__(self, store: Path, name: str, *overrides: str, preexec_fn=None, fresh: bool = False):
+        self.store = Path(store).resolve()
+        self.store.mkdir(parents=True, exist_ok=True)
+        if not fresh and not (self.store / "mlflow.db").exists():
+            shutil.copy(empty_store(), self.store / "mlflow.db")
+        self.run_dir = self.store / name
+        self.log_path = self.store / f"{name}.log"
+        self.args = [
+            sys.executable, str(TRAIN_PY),
+            f"tracking.uri={tracking_uri(self.store)}", f"hydra.run.dir={self.run_dir}",
+            "quiet=true", "data=synthetic", f"cache.dir={self.store / 'cache'}", *overrides,
+        ]
+        self.started = time.monotonic()
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.args, cwd=REPO_ROOT, env=job_env(), stdout=self._log,
+                                     stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
+        _RUNNING.append(self)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"job did not end within {timeout} s:\n{self.describe()}")
+        if not hasattr(self, "seconds"):
+            self.seconds = time.monotonic() - self.started
+        self._log.close()
+        return code
+
+    def describe(self) -> str:
+        return f"{' '.join(self.args)}\nexit {self.proc.returncode}\n{self.output[-5000:]}"
+
+    def check_ok(self, timeout: float = 300) -> "Job":
+        code = self.wait(timeout)
+        assert code == 0, self.describe()
+        return self
+
+    def wait_until(self, done, what: str, timeout: float = 240) -> None:
+        """Poll `done()`; fail (with the job's output) if the job ends first or it takes too long."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if self.proc.poll() is not None:
+                pytest.fail(f"job ended before {what}:\n{self.describe()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} within {timeout} s:\n{self.describe()}")
+            time.sleep(0.005)
+
+    def signal_when(self, done, what: str, signum: int) -> None:
+        """Send `signum` as soon as `done()`, while the job is still training."""
+        self.wait_until(done, what)
+        self.proc.send_signal(signum)
+        assert not (self.checkpoints / "final.pt").exists(), (
+            f"the job finished before it could be interrupted; the test needs slower epochs:\n{self.describe()}"
+        )
+
+
+_RUNNING: list[Job] = []
+_SCHEMA: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _schema_folder(tmp_path_factory):
+    _SCHEMA["folder"] = tmp_path_factory.mktemp("schema")
+
+
+def empty_store() -> Path:
+    """An MLflow SQLite database with its schema migrated and no experiment yet, made once per
+    session: each job's store starts as a copy instead of paying for the migrations again."""
+    path = _SCHEMA["folder"] / "mlflow.db"
+    if not path.exists():
+        mlflow_client(_SCHEMA["folder"]).search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftover_jobs():
+    """Kill (by their own pid) any job a failing test left running."""
+    yield
+    while _RUNNING:
+        job = _RUNNING.pop()
+        if job.proc.poll() is None:
+            job.proc.kill()
+            job.proc.wait()
+        job._log.close()
+
+
+def mlflow_client(store: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri(store))
+
+
+def all_runs(store: Path):
+    client = mlflow_client(store)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], max_results=100)
+
+
+def only_run(store: Path):
+    runs = all_runs(store)
+    assert len(runs) == 1, f"expected one MLflow run in {store}, found {[(r.info.run_id, r.info.status) for r in runs]}"
+    return runs[0]
+
+
+def metric_histories(store: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """{key: [(step, value), ...]} of every metric but the wall-clock epoch_seconds."""
+    client = mlflow_client(store)
+    keys = sorted(client.get_run(run_id).data.metrics)
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in keys if key != "epoch_seconds"
+    }
+
+
+def assert_same_training(store_a: Path, run_a: str, final_a: Path, store_b: Path, run_b: str, final_b: Path):
+    """Bit-identical metric histories (but epoch_seconds) and final weights/optimizer state."""
+    history_a, history_b = metric_histories(store_a, run_a), metric_histories(store_b, run_b)
+    assert history_a.keys() == history_b.keys()
+    for key in history_a:
+        assert history_a[key] == history_b[key], f"metric {key} differs:\n{history_a[key]}\n{history_b[key]}"
+    assert [step for step, _ in history_a["test/acc"]] == [1, 2, 3, 4]
+    a, b = ckpt.load_checkpoint(final_a), ckpt.load_checkpoint(final_b)
+    assert a["epoch"] == b["epoch"] == 4
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), f"final weights differ in {name}"
+    for index, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            other = b["optimizer"]["state"][index][key]
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(other)), f"optimizer state {index}/{key}"
+
+
+def temp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob(".*.tmp")) if folder.is_dir() else []
+
+
+def assert_clean_error(job: Job, *phrases: str) -> str:
+    """Non-zero exit, one `error:` line holding `phrases`, and no Python traceback."""
+    assert job.proc.returncode not in (0, None), job.describe()
+    output = job.output
+    assert "Traceback" not in output, job.describe()
+    lines = [line for line in output.splitlines() if "error:" in line]
+    assert len(lines) == 1, job.describe()
+    for phrase in phrases:
+        assert phrase in lines[0], f"{phrase!r} not in the error line:\n{lines[0]}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def background(tmp_path_factory):
+    """Jobs that need no precise timing, all started at once when the first test asks for them
+    (two cores run them side by side); each test waits for its own. Each has a store of its own.
+
+    baseline: the uninterrupted RESUMABLE job; divergence: SGD at lr 1e30; crafted-teacher: a
+    teacher.checkpoint whose unpickling would create the file `marker`; deterministic:
+    device.deterministic=true.
+    """
+    crafted = tmp_path_factory.mktemp("crafted")
+    evil = crafted / "teacher.pt"
+    torch.save({"format": 1, "model_class": "LightNN", "model": Evil(crafted / "pwned")}, evil)
+    jobs = {
+        "baseline": Job(tmp_path_factory.mktemp("baseline"), "job", *RESUMABLE),
+        "divergence": Job(tmp_path_factory.mktemp("divergence"), "job", *TINY, "optimizer=sgd",
+                          "optimizer.lr=1e30"),
+        "crafted-teacher": Job(crafted / "store", "job", *TINY, "loss=kd", "teacher=light",
+                               f"teacher.checkpoint={evil}"),
+        "deterministic": Job(tmp_path_factory.mktemp("deterministic"), "job", *TINY,
+                             "device.deterministic=true"),
+    }
+    jobs["crafted-teacher"].evil, jobs["crafted-teacher"].marker = evil, crafted / "pwned"
+    for job in jobs.values():
+        _RUNNING.remove(job)  # they outlive single tests
+    yield jobs
+    for job in jobs.values():
+        if job.proc.poll() is None:
+            job.proc.kill()
+            job.proc.wait()
+        job._log.close()
+
+
+def finished_baseline(background: dict):
+    """(store, run id, final.pt) of the finished baseline job."""
+    job = background["baseline"]
+    job.check_ok()
+    run = only_run(job.store)
+    assert run.info.status == "FINISHED"
+    return job.store, run.info.run_id, job.checkpoints / "final.pt"
+
+
+def sample_state() -> dict:
+    return {"format": 1, "epoch": 1, "model": {"w": torch.arange(1000, dtype=torch.float32)},
+            "metrics": {"test/acc": 50.0}, "rng": {"python": [3, [1, 2, 3], None]}}
+
+
+class Evil:
+    """Unpickling this runs `touch <marker>`; weights_only loading must refuse it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# --- 1. resume --------------------------------------------------------------------------------
+
+def test_sigkill_then_resume_from_job_folder_matches_uninterrupted_run(tmp_path, background):
+    """SIGKILL right after epoch 2's checkpoint; `resume=<job folder>` continues the same MLflow
+    run and ends with the metrics and weights of the uninterrupted baseline, bit for bit."""
+    store = tmp_path / "store"
+    killed = Job(store, "job", *RESUMABLE)
+    epoch_2 = killed.checkpoints / "epoch_0002.pt"  # then MLflow gets epoch 2's metrics: kill in between or after
+    killed.signal_when(epoch_2.exists, epoch_2.name, signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    run = only_run(store)
+    assert run.info.status == "RUNNING"  # nothing can end it on SIGKILL: the continuation does
+
+    resumed = Job(store, "resumed", *RESUMABLE, f"resume={killed.run_dir}").check_ok()
+    assert "resume: continuing MLflow run" in resumed.output
+    run_after = only_run(store)
+    assert run_after.info.run_id == run.info.run_id
+    assert run_after.info.status == "FINISHED"
+    # The continuation writes into the original job folder and logs the final checkpoint.
+    final = killed.checkpoints / "final.pt"
+    assert final.is_file() and not (resumed.run_dir / "checkpoints").exists()
+    artifacts = [a.path for a in mlflow_client(store).list_artifacts(run.info.run_id, "checkpoints")]
+    assert artifacts == ["checkpoints/final.pt"]
+    assert sorted(p.name for p in killed.checkpoints.glob("epoch_*.pt")) == ["epoch_0003.pt", "epoch_0004.pt"]
+
+    assert_same_training(store, run.info.run_id, final, *finished_baseline(background))
+
+
+def interrupt(store: Path, signum: int, after_epoch: int = 2) -> tuple[Job, object]:
+    """Start the RESUMABLE job and send `signum` in the middle of epoch `after_epoch + 1` (once
+    epoch `after_epoch` is logged: an interrupt inside an MLflow write is
+    test_interrupt_during_mlflow_write_still_ends_run_killed). Checks the Ctrl-C contract: exit
+    code (not a death by signal), an 'interrupted' line, MLflow run KILLED, no temp file, the
+    newest epoch checkpoint loads. Returns the job and its MLflow run."""
+    job = Job(store, "job", *RESUMABLE)
+    line = f"epoch {after_epoch}/4"
+    job.signal_when(lambda: line in job.output, f"the line {line!r}", signum)
+    code = job.wait()
+    assert code not in (0, -signum), job.describe()
+    assert "interrupted" in job.output and "Traceback" not in job.output, job.describe()
+    run = only_run(store)
+    assert run.info.status == "KILLED"
+    assert temp_files(job.checkpoints) == []
+    state = ckpt.load_checkpoint(sorted(job.checkpoints.glob("epoch_*.pt"))[-1])
+    assert state["epoch"] >= after_epoch and state["run_id"] == run.info.run_id
+    logged = [step for step, _ in metric_histories(store, run.info.run_id).get("test/acc", [])]
+    assert max(logged, default=0) in (state["epoch"] - 1, state["epoch"])  # checkpoint first, then MLflow
+    return job, run
+
+
+def test_sigint_ends_run_killed_and_keeps_last_checkpoint(tmp_path):
+    """Ctrl-C (SIGINT) mid-training."""
+    interrupt(tmp_path / "store", signal.SIGINT)
+
+
+def test_sigterm_ends_run_killed_and_resume_with_other_overrides_is_refused(tmp_path):
+    """SIGTERM (a scheduler stopping the job) takes the Ctrl-C path. Continuing the job with other
+    settings is refused in one line and leaves the run as it was."""
+    store = tmp_path / "store"
+    job, _ = interrupt(store, signal.SIGTERM, after_epoch=1)
+    other = [o.replace("epochs=4", "epochs=5") for o in RESUMABLE] + ["optimizer.lr=0.01"]
+    refused = Job(store, "refused", *other, f"resume={job.run_dir}")
+    refused.wait()
+    line = assert_clean_error(refused, "resume:", "epochs: 4 -> 5", "optimizer.lr: 0.001 -> 0.01")
+    assert "overrides" in line
+    assert only_run(store).info.status == "KILLED"  # untouched by the refused attempt
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_by_run_id_matches_uninterrupted_run(tmp_path, background):
+    """`resume=<MLflow run id>` after Ctrl-C finishes that same run like the uninterrupted job."""
+    store = tmp_path / "store"
+    job, run = interrupt(store, signal.SIGINT)
+    Job(store, "resumed", *RESUMABLE, f"resume={run.info.run_id}").check_ok()
+    run_after = only_run(store)
+    assert run_after.info.run_id == run.info.run_id and run_after.info.status == "FINISHED"
+    assert_same_training(store, run.info.run_id, job.checkpoints / "final.pt", *finished_baseline(background))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "train.py turns SIGINT/SIGTERM into a KeyboardInterrupt wherever the job is; inside an MLflow "
+    "SQLite write it breaks the store connection: MLflow raises 'database is locked' (after its 20 s "
+    "busy timeout) instead of the KeyboardInterrupt, TrackedRun.__exit__ cannot end the run, the "
+    "run stays RUNNING and the user gets a traceback. Defer the signal to a safe point instead."))
+def test_interrupt_during_mlflow_write_still_ends_run_killed(tmp_path):
+    """Ctrl-C while the job waits for the store (another process holds the SQLite write lock,
+    as a busy shared store does) to log epoch 1: the run must still end KILLED."""
+    import sqlite3
+
+    store = tmp_path / "store"
+    job = Job(store, "job", *RESUMABLE)
+    job.wait_until(lambda: "first_layer_norm at init" in job.output, "the job's first MLflow writes")
+    other_writer = sqlite3.connect(store / "mlflow.db", timeout=60, isolation_level=None)
+    other_writer.execute("BEGIN EXCLUSIVE")
+    try:
+        epoch_1 = job.checkpoints / "epoch_0001.pt"
+        job.wait_until(epoch_1.exists, epoch_1.name)
+        time.sleep(0.5)  # now in log_batch, waiting for the lock
+        job.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+    finally:
+        other_writer.execute("ROLLBACK")
+        other_writer.close()
+    code = job.wait()
+    assert only_run(store).info.status == "KILLED", job.describe()
+    assert code not in (0, -signal.SIGINT)
+    assert "interrupted" in job.output and "Traceback" not in job.output, job.describe()
+
+
+def test_resume_locate_by_run_id_and_its_errors(tmp_path):
+    """resume=<run id> finds the job folder through the run's `output_dir` tag; an unknown id or a
+    folder that is not on this machine is one clear line."""
+    from kdresearch.tracking import Tracker
+
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(empty_store(), store / "mlflow.db")
+    tracker = Tracker(tracking_uri(store), EXPERIMENT)
+    folder = tmp_path / "job"
+    ckpt.save_checkpoint({**sample_state(), "run_id": "r1"}, folder / "checkpoints" / "epoch_0001.pt")
+    here = tracker.start_run("light-ce", {"output_dir": str(folder)}, {})
+    gone = tracker.start_run("light-ce", {"output_dir": str(tmp_path / "elsewhere")}, {})
+
+    point = resume.locate(here.run_id, tracker)
+    assert point.output_dir == folder and point.checkpoint["epoch"] == 1
+    with pytest.raises(KDResearchError, match="is not on this machine"):
+        resume.locate(gone.run_id, tracker)
+    with pytest.raises(KDResearchError, match="neither a job folder nor an MLflow run id"):
+        resume.locate("0123456789abcdef0123456789abcdef", tracker)
+
+
+def test_resume_locate_skips_unloadable_checkpoints(tmp_path):
+    """The newest checkpoint is unreadable (crafted or cut short): resume takes the one before,
+    without ever running the crafted file's code."""
+    folder = tmp_path / "job"
+    marker = tmp_path / "pwned"
+    good = {**sample_state(), "run_id": "abc", "epoch": 1}
+    ckpt.save_checkpoint(good, folder / "checkpoints" / "epoch_0001.pt")
+    torch.save({"model": Evil(marker)}, folder / "checkpoints" / "epoch_0002.pt")
+    data = (folder / "checkpoints" / "epoch_0001.pt").read_bytes()
+    (folder / "checkpoints" / "epoch_0003.pt").write_bytes(data[: len(data) // 2])
+    point = resume.locate(str(folder), tracker=None)
+    assert point.checkpoint["epoch"] == 1 and point.run_id == "abc" and point.output_dir == folder
+    assert not marker.exists()
+
+    for name in ("epoch_0001.pt",):
+        (folder / "checkpoints" / name).unlink()
+    with pytest.raises(KDResearchError, match="no complete checkpoint"):
+        resume.locate(str(folder), tracker=None)
+    assert not marker.exists()
+
+
+def test_check_same_job_ignores_only_free_keys():
+    config = {"seed": 42, "epochs": 4, "quiet": False, "resume": None, "optimizer": {"lr": 0.001}}
+    saved = {"config": OmegaConf.to_yaml(OmegaConf.create(config))}
+    resume.check_same_job(saved, {**config, "quiet": True, "resume": "/some/folder"})
+    with pytest.raises(KDResearchError, match=r"optimizer\.lr: 0\.001 -> 0\.01"):
+        resume.check_same_job(saved, {**config, "optimizer": {"lr": 0.01}})
+
+
+# --- 1. atomic checkpoints --------------------------------------------------------------------
+
+@pytest.fixture
+def previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoints" / "epoch_0001.pt"
+    ckpt.save_checkpoint(sample_state(), path)
+    return path
+
+
+def assert_previous_intact(path: Path) -> None:
+    state = ckpt.load_checkpoint(path)
+    assert torch.equal(state["model"]["w"], sample_state()["model"]["w"])
+    assert temp_files(path.parent) == [], "a temp file was left behind"
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("boom"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_save_interrupted_mid_write_keeps_previous_checkpoint(previous_checkpoint, monkeypatch, failure):
+    real_save = torch.save
+
+    def partial_save(obj, stream, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        stream.write(buffer.getvalue()[:1000])  # some bytes reach the file, then the crash
+        raise failure
+
+    monkeypatch.setattr(torch, "save", partial_save)
+    with pytest.raises(type(failure)):
+        ckpt.save_checkpoint({**sample_state(), "epoch": 2, "model": {"w": torch.zeros(5)}}, previous_checkpoint)
+    monkeypatch.undo()
+    assert_previous_intact(previous_checkpoint)
+
+
+def test_save_with_failing_rename_is_a_clear_error(previous_checkpoint, monkeypatch):
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt.os, "replace", full_disk)
+    with pytest.raises(KDResearchError, match=r"could not write checkpoint .*epoch_0001\.pt: No space left on device"):
+        ckpt.save_checkpoint({**sample_state(), "epoch": 2}, previous_checkpoint)
+    monkeypatch.undo()
+    assert_previous_intact(previous_checkpoint)
+
+
+def test_save_replaces_atomically(previous_checkpoint):
+    new = {**sample_state(), "epoch": 2, "model": {"w": torch.ones(3)}}
+    ckpt.save_checkpoint(new, previous_checkpoint)
+    assert ckpt.load_checkpoint(previous_checkpoint)["epoch"] == 2
+    assert temp_files(previous_checkpoint.parent) == []
+
+
+# --- 7. disk: failing writes ------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason=(
+    "checkpoint.save_checkpoint: a write error inside torch.save (disk full) surfaces as torch's "
+    "RuntimeError('[enforce fail at inline_container.cc] unexpected pos ...') with the OSError only "
+    "in __context__; only OSError is turned into 'could not write checkpoint'"))
+def test_save_with_disk_full_during_write_is_a_clear_error(previous_checkpoint, monkeypatch):
+    real_fdopen = os.fdopen
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            if self.tell() + len(data) > 2000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(data)
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        return FullDisk(fd, "wb") if "w" in mode else real_fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.os, "fdopen", fdopen)
+    try:
+        with pytest.raises(KDResearchError, match=r"could not write checkpoint .*No space left on device"):
+            ckpt.save_checkpoint({**sample_state(), "model": {"w": torch.zeros(10_000)}}, previous_checkpoint)
+    finally:
+        monkeypatch.undo()
+        assert_previous_intact(previous_checkpoint)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "checkpoint.save_checkpoint: path.parent.mkdir() and tempfile.mkstemp() run outside the try, so "
+    "an unwritable or blocked checkpoint folder raises a bare OSError (a traceback in train.py)"))
+@pytest.mark.parametrize("blocked", ["parent-is-a-file", "permission-denied"])
+def test_save_into_unwritable_folder_is_a_clear_error(tmp_path, monkeypatch, blocked):
+    if blocked == "parent-is-a-file":
+        (tmp_path / "checkpoints").write_text("not a folder")
+    else:
+        def denied(*args, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+        monkeypatch.setattr(ckpt.tempfile, "mkstemp", denied)
+    with pytest.raises(KDResearchError, match="could not write checkpoint"):
+        ckpt.save_checkpoint(sample_state(), tmp_path / "checkpoints" / "epoch_0001.pt")
+
+
+def _file_size_limit():  # runs in the child before exec: writes beyond 2 MB fail with EFBIG
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, resource.RLIM_INFINITY))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "checkpoint.save_checkpoint: a real write failure (here EFBIG from RLIMIT_FSIZE, like ENOSPC) "
+    "becomes torch's RuntimeError, so train.py prints a traceback instead of 'could not write checkpoint'"))
+@pytest.mark.slow
+def test_train_with_failing_checkpoint_write_reports_it(tmp_path):
+    """End to end: the checkpoint (3.2 MB) cannot be written; the job says so in one line, the
+    MLflow run ends FAILED and no temp file stays."""
+    store = tmp_path / "store"
+    job = Job(store, "job", *TINY, preexec_fn=_file_size_limit)
+    job.wait()
+    assert only_run(store).info.status == "FAILED"
+    assert temp_files(job.checkpoints) == []
+    assert_clean_error(job, "could not write checkpoint", "epoch_0001.pt")
+
+
+# --- 2/3. divergence --------------------------------------------------------------------------
+
+def test_divergence_stops_with_epoch_and_step_and_run_failed(background):
+    """optimizer=sgd optimizer.lr=1e30: the first step is finite, the second one is not."""
+    job = background["divergence"]
+    job.wait()
+    line = assert_clean_error(job, "training diverged", "epoch 1, step 2")
+    assert "nan" in line or "inf" in line
+    assert only_run(job.store).info.status == "FAILED"
+    assert not job.checkpoints.exists() or not list(job.checkpoints.glob("*.pt"))
+
+
+# --- 4. untrusted files -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle", "pickle-protocol-0"])
+def test_load_checkpoint_refuses_code_carrying_pickle(tmp_path, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {"model": Evil(marker)}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as stream:
+            pickle.dump(payload, stream, protocol=0 if writer.endswith("0") else pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(KDResearchError, match=r"refusing to load .*evil\.pt.*could run code"):
+        ckpt.load_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "checkpoint.load_checkpoint quotes only the first line of torch's UnpicklingError, which is torch's "
+    "boilerplate advising that re-running with weights_only=False 'will likely succeed' (unsafe advice for "
+    "a crafted file) and hides the actual reason ('unsupported GLOBAL posix.system')"))
+def test_refusal_message_names_the_blocked_call_and_gives_no_unsafe_advice(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil(tmp_path / "pwned")}, path)
+    with pytest.raises(KDResearchError) as refused:
+        ckpt.load_checkpoint(path)
+    message = str(refused.value)
+    assert "system" in message
+    assert "weights_only" not in message or "will likely succeed" not in message
+
+
+def real_checkpoint(tmp_path: Path) -> Path:
+    from kdresearch.models import LightNN
+
+    model = LightNN()
+    optimizer = torch.optim.Adam(model.parameters())
+    path = tmp_path / "real.pt"
+    ckpt.save_checkpoint({"format": 1, "model_class": "LightNN", "epoch": 1, "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(), "metrics": {"test/acc": 10.0}}, path)
+    return path
+
+
+def test_load_checkpoint_truncated_files_are_clear_errors(tmp_path):
+    data = real_checkpoint(tmp_path).read_bytes()
+    cut = tmp_path / "cut.pt"
+    for length in (0, 4, 100, 1000, len(data) // 3, len(data) // 2, len(data) - 100, len(data) - 1):
+        cut.write_bytes(data[:length])
+        with pytest.raises(KDResearchError, match=r"cut\.pt is truncated or corrupt"):
+            ckpt.load_checkpoint(cut)
+
+
+def test_load_checkpoint_other_clear_errors(tmp_path):
+    with pytest.raises(KDResearchError, match="does not exist"):
+        ckpt.load_checkpoint(tmp_path / "missing.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(KDResearchError, match="holds a list, not a dict"):
+        ckpt.load_checkpoint(tmp_path / "list.pt")
+    torch.save({"w": torch.ones(2)}, tmp_path / "bare.pt")  # a bare state_dict is fine
+    assert torch.equal(ckpt.load_checkpoint(tmp_path / "bare.pt")["w"], torch.ones(2))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "checkpoint.load_checkpoint: bytes that are neither a zip nor a pickle escape as torch's KeyError "
+    "(a text file) or are misreported as 'could run code' (random bytes, or a checkpoint cut after 1-3 "
+    "bytes: torch's 'Unsupported operand' UnpicklingError) instead of 'truncated or corrupt'"))
+@pytest.mark.parametrize("content", ["text", "random-bytes", "first-3-bytes"])
+def test_load_checkpoint_garbage_is_truncated_or_corrupt(tmp_path, content):
+    path = tmp_path / "garbage.pt"
+    if content == "text":
+        path.write_bytes(b"hello world\n")
+    elif content == "random-bytes":
+        path.write_bytes(random.Random(0).randbytes(1000))
+    else:  # a checkpoint cut after 1-3 bytes ("PK\x03") is read as a legacy pickle
+        path.write_bytes(real_checkpoint(tmp_path).read_bytes()[:3])
+    with pytest.raises(KDResearchError, match="truncated or corrupt"):
+        ckpt.load_checkpoint(path)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "checkpoint.load_checkpoint: torch's zip reader does not check CRC32s, so a checkpoint whose tensor "
+    "bytes were damaged loads silently with wrong weights (zipfile.ZipFile(path).testzip() detects it)"))
+def test_load_checkpoint_detects_damaged_tensor_bytes(tmp_path):
+    path = real_checkpoint(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the stored weights
+    path.write_bytes(bytes(data))
+    with pytest.raises(KDResearchError, match="truncated or corrupt"):
+        ckpt.load_checkpoint(path)
+
+
+def test_train_refuses_crafted_teacher_checkpoint(background):
+    """teacher.checkpoint= a pickle whose loading would run `touch <marker>`."""
+    job = background["crafted-teacher"]
+    job.wait()
+    assert_clean_error(job, "refusing to load", str(job.evil), "could run code")
+    assert not job.marker.exists()
+    assert all_runs(job.store) == []  # refused before any run was started
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "data._read_batch and load_cifar10 (batches.meta) use plain pickle.load: with data.verify=false "
+    "(the README's way to load the shared re-encoded sample), and for batches.meta even with "
+    "verify=true (its md5 is never checked), a crafted file in data.root runs code"))
+def test_cifar10_files_cannot_run_code(tmp_path):
+    import numpy as np
+
+    from kdresearch.data import CIFAR10_FOLDER, load_cifar10
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / CIFAR10_FOLDER
+    folder.mkdir()
+    batch = {"data": np.zeros((2, 3072), dtype=np.uint8), "labels": [0, 1]}
+    for name in ("data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "data_batch_1").write_bytes(pickle.dumps(Evil(marker)))
+    with pytest.raises(Exception) as refused:
+        load_cifar10(str(tmp_path), download=False, verify=False)
+    assert not marker.exists(), "unpickling a data file ran its code"
+    assert isinstance(refused.value, KDResearchError)
+
+
+@pytest.mark.slow
+def test_train_reports_truncated_teacher_checkpoint(tmp_path):
+    data = real_checkpoint(tmp_path).read_bytes()
+    half = tmp_path / "half.pt"
+    half.write_bytes(data[: len(data) // 2])
+    job = Job(tmp_path / "store", "job", *TINY, "loss=kd", "teacher=light", f"teacher.checkpoint={half}")
+    job.wait()
+    assert_clean_error(job, str(half), "truncated or corrupt")
+
+
+# --- 5. tracking faults -----------------------------------------------------------------------
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    job = Job(tmp_path / "store", "job", *TINY, f"tracking.uri={uri}")
+    job.wait(timeout=120)
+    assert_clean_error(job, f"MLflow tracking server {uri} is unreachable")
+    assert job.seconds < 30, f"took {job.seconds:.1f} s"
+
+
+@pytest.mark.slow
+def test_silent_tracking_server_times_out(tmp_path):
+    """A server that accepts the connection and never answers: bounded by the health check's
+    timeout (tracking._check_server) plus the job's start-up."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        job = Job(tmp_path / "store", "job", *TINY, f"tracking.uri={uri}")
+        job.wait(timeout=120)
+    assert_clean_error(job, f"MLflow tracking server {uri} is unreachable", "timed out")
+    assert job.seconds < 60, f"took {job.seconds:.1f} s"
+
+
+@pytest.mark.slow
+def test_parallel_jobs_on_fresh_sqlite_store_all_land(tmp_path):
+    """Three jobs started at once on a store that does not exist yet all land FINISHED. (Whether
+    they collide depends on timing; test_tracker_opens_fresh_store_from_parallel_processes lines
+    them up on purpose.)"""
+    store = tmp_path / "store"
+    jobs = [Job(store, f"job{i}", *TINY, f"seed={i}", fresh=True) for i in range(3)]
+    for job in jobs:
+        job.wait()
+    failed = [job.describe() for job in jobs if job.proc.returncode != 0]
+    assert not failed, "\n\n".join(failed)
+    runs = all_runs(store)
+    assert sorted(run.data.params["seed"] for run in runs) == ["0", "1", "2"]
+    assert all(run.info.status == "FINISHED" for run in runs)
+
+
+_OPEN_STORE = """
+import sys, time
+from pathlib import Path
+from kdresearch.tracking import Tracker
+folder = Path(sys.argv[2])
+(folder / f"ready-{sys.argv[3]}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.001)
+Tracker(sys.argv[1], "kdresearch")
+"""
+
+
+def test_tracker_opens_fresh_store_from_parallel_processes(tmp_path):
+    """Three processes open one fresh store at the same instant (before the store lock covered
+    MlflowClient(), which migrates a new schema, 2-3 of 3 failed here: 'table _alembic_tmp_tags
+    already exists', 'Online migration expected to match one row')."""
+    uri = tracking_uri(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_STORE, uri, str(tmp_path), str(i)], cwd=REPO_ROOT,
+                              env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(3)]
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("ready-*"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (tmp_path / "go").touch()
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    failed = [out[-1500:] for proc, out in zip(procs, outputs) if proc.returncode != 0]
+    assert not failed, "\n\n".join(failed)
+
+
+# --- 6. determinism switch --------------------------------------------------------------------
+
+def test_deterministic_run_is_recorded(background):
+    job = background["deterministic"].check_ok()
+    run = only_run(job.store)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["device.deterministic"] == "True"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_deterministic_cuda_runs_repeat_bit_identically(tmp_path):
+    """On CUDA, device.deterministic=true makes two runs of one job equal, bit for bit."""
+    overrides = ("device=cuda", "device.deterministic=true", "epochs=2", "data.limit_train=1024",
+                 "data.limit_test=128")
+    jobs = [Job(tmp_path / f"store{i}", "job", *overrides) for i in range(2)]
+    for job in jobs:
+        job.check_ok()
+    (a, b) = [(job.store, only_run(job.store).info.run_id, job.checkpoints / "final.pt") for job in jobs]
+    assert metric_histories(a[0], a[1]) == metric_histories(b[0], b[1])
+    weights_a, weights_b = ckpt.load_checkpoint(a[2])["model"], ckpt.load_checkpoint(b[2])["model"]
+    assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
+
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(saved[0])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
+
+
+def test_set_deterministic_switches_torch_and_cuda_settings(restore_determinism):
+    devices.set_deterministic(True)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    devices.set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.backends.cudnn.deterministic
+
+
+# --- 7. disk: bounded checkpoints and caches --------------------------------------------------
+
+def test_keep_last_default_is_documented_and_applied(tmp_path, background):
+    """The 4-epoch baseline with checkpoint.keep_last=2 keeps epochs 3 and 4 plus final.pt."""
+    assert OmegaConf.load(REPO_ROOT / "conf" / "config.yaml").checkpoint.keep_last == 2
+    store, _, final = finished_baseline(background)
+    assert sorted(p.name for p in final.parent.iterdir()) == ["epoch_0003.pt", "epoch_0004.pt", "final.pt"]
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for epoch in range(1, 6):
+        (folder / f"epoch_{epoch:04d}.pt").write_bytes(b"x")
+    ckpt.keep_last(folder, "epoch_*.pt", 3)
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_0003.pt", "epoch_0004.pt", "epoch_0005.pt"]
+    ckpt.keep_last(folder, "epoch_*.pt", None)  # null / 0: keep everything
+    ckpt.keep_last(folder, "epoch_*.pt", 0)
+    assert len(list(folder.iterdir())) == 3
+
+
+def test_teacher_cache_size_limit_removes_least_recently_used(tmp_path):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    now = time.time()
+    for age, name in enumerate(["newest", "middle", "oldest"]):
+        path = folder / f"{name}.pt"
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (now - 100 * age, now - 100 * age))
+    teacher_outputs._enforce_size_limit(folder, max_bytes=2500)
+    assert sorted(p.name for p in folder.iterdir()) == ["middle.pt", "newest.pt"]
+    teacher_outputs._enforce_size_limit(folder, max_bytes=10)  # never the entry just written
+    assert sorted(p.name for p in folder.iterdir()) == ["newest.pt"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "teacher._run_checkpoint downloads the teacher's final.pt into a mkdtemp folder teacher-XXXX inside "
+    "the job folder and never removes it: every distillation job (and every resume of one) keeps a "
+    "copy (3 MB for LightNN, ~14 MB for DeepNN), unbounded over a sweep"))
+def test_teacher_download_leaves_no_copy_in_the_job_folder(tmp_path):
+    from kdresearch import teacher
+
+    source = real_checkpoint(tmp_path)
+
+    class Store:
+        uri = "sqlite:///fake.db"
+
+        def download_artifact(self, run_id, artifact_path, destination):
+            destination.mkdir(parents=True, exist_ok=True)
+            return Path(shutil.copy(source, destination / "final.pt"))
+
+    work_dir = tmp_path / "job"
+    work_dir.mkdir()
+    assert "model" in teacher._run_checkpoint(Store(), "run1", work_dir)
+    assert list(work_dir.iterdir()) == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "teacher_outputs._enforce_size_limit (and clear_cache) see only *.pt: the hidden .<name>.pt.*.tmp "
+    "file that a job killed while writing a cache entry leaves (possibly GBs) is never counted "
+    "against cache.max_gb nor deleted"))
+def test_teacher_cache_size_limit_removes_stale_temp_files(tmp_path):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    entry = folder / "abc-logits.pt"
+    entry.write_bytes(b"x" * 1000)
+    stale = folder / ".def-logits.pt.k2j3h4.tmp"  # what save_checkpoint leaves on SIGKILL
+    stale.write_bytes(b"x" * 5000)
+    day_ago = time.time() - 86400
+    os.utime(stale, (day_ago, day_ago))
+    teacher_outputs._enforce_size_limit(folder, max_bytes=2000)
+    assert entry.exists() and not stale.exists()
+
+
+def test_readme_documents_resume_and_keep_last():
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "resume=" in readme
+    assert re.search(r"checkpoint\.keep_last`?\s*[(=]\s*2", readme), "keep_last and its default 2"
+
+
+@pytest.mark.slow
+def test_teacher_cache_goes_to_cache_dir(tmp_path):
+    """loss=kd with teacher=light: the teacher is trained first, its outputs cached in cache.dir."""
+    store = tmp_path / "store"
+    Job(store, "job", *TINY, "loss=kd", "teacher=light").check_ok()
+    cached = list((store / "cache").glob("*.pt"))
+    assert len(cached) == 1, list((store / "cache").iterdir())
+    student = [run for run in all_runs(store) if run.data.tags.get("role") == "student"]
+    assert student and student[0].data.tags.get("teacher_cache") == "used"
