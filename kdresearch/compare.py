@@ -471,6 +471,10 @@ class Comparison:
     def table(self) -> str:
         return markdown_table(self.rows)
 
+    @property
+    def footnote(self) -> str:
+        return _footnote(self.rows)
+
     def row(self, label: str) -> Row:
         return next(row for row in self.rows if row.label == label)
 

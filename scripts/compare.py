@@ -93,6 +93,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(result.table)
+    print(result.footnote + "\n")
     print(f"wrote {result.markdown}, {result.csv}, {result.figure}")
     if result.summary_run_id:
         print(f"logged to MLflow ({tracker.uri}) as run {result.summary_run_id} ({name}, tag role=summary), "

@@ -99,6 +99,7 @@ def main(argv=None) -> int:
         return 0
     print(f"\n=== The tutorial's runs ({result.group})\n")
     print(comparison.table)
+    print(comparison.footnote + "\n")
     for warning in result.warnings:
         print(f"warning: {warning}")
     for row in comparison.rows:
