@@ -578,9 +578,11 @@ def test_load_checkpoint_refuses_code_carrying_pickle(tmp_path, writer):
     else:
         with open(path, "wb") as stream:
             pickle.dump(payload, stream, protocol=0 if writer.endswith("0") else pickle.HIGHEST_PROTOCOL)
-    with pytest.raises(KDResearchError, match=r"refusing to load .*evil\.pt.*could run code"):
+    with pytest.raises(KDResearchError, match=r"evil\.pt") as refused:
         ckpt.load_checkpoint(path)
     assert not marker.exists()
+    if writer == "torch.save":  # a plain pickle may also be refused as "not a torch checkpoint"
+        assert "refusing to load" in str(refused.value) and "could run code" in str(refused.value)
 
 
 @pytest.mark.xfail(strict=True, reason=(
