@@ -1,7 +1,6 @@
 """Train one kdresearch job (or a sweep with -m). See README.md; `python train.py --help` lists the options."""
 
 import logging
-import signal
 import sys
 
 import hydra
@@ -14,17 +13,14 @@ from kdresearch.errors import KDResearchError
 log = logging.getLogger("train")
 
 
-def _terminate(signum, frame):
-    # SIGTERM (a scheduler stopping the job) takes the same path as Ctrl-C: the MLflow run ends
-    # KILLED and the last complete checkpoint stays.
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    from kdresearch import interrupts
     from kdresearch.trainer import run  # after Hydra parsed the command line: --help stays fast
 
-    signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C and SIGTERM (a scheduler stopping the job) stop at the next safe point: the MLflow
+    # run ends KILLED and the last complete checkpoint stays.
+    interrupts.install()
     try:
         return run(cfg)
     except KDResearchError as error:

@@ -26,20 +26,35 @@ FORMAT = 1
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write `state` to `path` so that a crash mid-write leaves the previous file intact:
     write a temp file in the same folder, fsync, then rename over the target (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp_name = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(handle, "wb") as stream:
             torch.save(state, stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temp_name, path)
-    except OSError as error:
-        Path(temp_name).unlink(missing_ok=True)
-        raise KDResearchError(f"could not write checkpoint {path}: {error.strerror or error}") from None
+    except (OSError, RuntimeError) as error:
+        # torch.save reports a full disk as RuntimeError('[enforce fail ...]') with the OSError as context.
+        if temp_name:
+            Path(temp_name).unlink(missing_ok=True)
+        cause = error if isinstance(error, OSError) else error.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise KDResearchError(f"could not write checkpoint {path}: {cause.strerror or cause}") from None
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        if temp_name:
+            Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def _unsafe_reason(error: Exception) -> str | None:
+    """torch's weights_only refusal names the forbidden global; other unpickling errors mean damage."""
+    for line in str(error).splitlines():
+        if "GLOBAL" in line or "Unsupported global" in line:
+            return line.strip()
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -48,14 +63,23 @@ def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise KDResearchError(f"checkpoint {path} does not exist")
     try:
+        if zipfile.is_zipfile(path):  # torch's reader skips CRCs: check them here (legacy files have none)
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+            if damaged is not None:
+                raise KDResearchError(f"checkpoint {path} is corrupt (bad checksum in {damaged})")
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except KDResearchError:
+        raise
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unsupported content"
+        reason = _unsafe_reason(error)
+        if reason is None:
+            raise KDResearchError(f"checkpoint {path} is truncated or corrupt (unreadable pickle)") from None
         raise KDResearchError(
             f"refusing to load {path}: it holds objects other than tensors and plain data, which "
-            f"could run code ({first_line})"
+            f"could run code ({reason})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except Exception as error:  # BadZipFile, EOFError, RuntimeError, KeyError from garbage, ...
         raise KDResearchError(f"checkpoint {path} is truncated or corrupt ({type(error).__name__})") from None
     if not isinstance(state, dict):
         raise KDResearchError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of tensors")

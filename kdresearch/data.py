@@ -84,9 +84,33 @@ def _official_md5s() -> dict[str, str]:
     return {name: md5 for name, md5 in CIFAR10.train_list + CIFAR10.test_list}
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR-10's python files are pickles; allow only what numpy arrays need, so that a crafted
+    file (md5 is not checked with data.verify=false, and never for batches.meta) cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how protocol-2 pickles from Python 3 store raw bytes
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a dataset file")
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            content = _ArrayUnpickler(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+        raise KDResearchError(f"{path} is not a CIFAR-10 python batch file ({error})") from None
+    if not isinstance(content, dict):
+        raise KDResearchError(f"{path} is not a CIFAR-10 python batch file (holds a {type(content).__name__})")
+    return content
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, list[int]]:
-    with open(path, "rb") as handle:
-        batch = pickle.load(handle, encoding="latin1")
+    batch = _unpickle(path)
     return batch["data"], batch["labels"]
 
 
@@ -141,8 +165,7 @@ def load_cifar10(root: str = "data", download: bool = True, verify: bool = True,
     classes = CIFAR10_CLASSES
     meta = folder / "batches.meta"
     if meta.is_file():
-        with open(meta, "rb") as handle:
-            classes = tuple(pickle.load(handle, encoding="latin1")["label_names"])
+        classes = tuple(_unpickle(meta)["label_names"])
     return _image_data("cifar10", read(CIFAR10_TRAIN_FILES), read([CIFAR10_TEST_FILE]), classes,
                        limit_train, limit_test, mean, std, augment)
 

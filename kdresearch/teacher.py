@@ -105,15 +105,16 @@ def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, t
 
 
 def _run_checkpoint(tracker, run_id: str, work_dir: Path) -> dict:
+    """Download a run's final checkpoint into a temporary folder and load it (the copy is deleted)."""
     from mlflow.exceptions import MlflowException
 
-    try:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        destination = Path(tempfile.mkdtemp(prefix="teacher-", dir=work_dir))
-        path = tracker.download_artifact(run_id, FINAL_CHECKPOINT, destination)
-    except (MlflowException, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise KDResearchError(
-            f"teacher run {run_id} has no usable final checkpoint in {tracker.uri} ({first_line})"
-        ) from None
-    return load_checkpoint(path)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="teacher-", dir=work_dir) as folder:
+        try:
+            path = tracker.download_artifact(run_id, FINAL_CHECKPOINT, Path(folder))
+        except (MlflowException, OSError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise KDResearchError(
+                f"teacher run {run_id} has no usable final checkpoint in {tracker.uri} ({first_line})"
+            ) from None
+        return load_checkpoint(path)

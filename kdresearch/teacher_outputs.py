@@ -12,16 +12,18 @@ folder), the folder is kept under `cache.max_gb` by deleting the least recently 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from kdresearch import devices
+from kdresearch import devices, interrupts
 from kdresearch.checkpoint import load_checkpoint, save_checkpoint
 from kdresearch.data import BatchIterator, ImageData
 from kdresearch.errors import KDResearchError
@@ -78,6 +80,7 @@ def _compute(teacher: nn.Module, fields: tuple[str, ...], data: ImageData, devic
     batches = BatchIterator(data.train_images, data.train_labels, data, 256, device, channels_last=channels_last)
     parts: dict[str, list[torch.Tensor]] = {field: [] for field in fields}
     for images, _, _ in batches:
+        interrupts.check()
         with devices.autocast(device, precision):
             out = teacher(images, with_features=True)
         for field in fields:
@@ -86,7 +89,17 @@ def _compute(teacher: nn.Module, fields: tuple[str, ...], data: ImageData, devic
     return {field: torch.cat(values) for field, values in parts.items()}
 
 
+def _remove_stale_temp_files(folder: Path, older_than_s: float = 3600) -> None:
+    """Temp files of writes killed midway (SIGKILL) are never renamed into place: delete them."""
+    now = time.time()
+    for temp in folder.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - temp.stat().st_mtime > older_than_s:
+                temp.unlink()
+
+
 def _enforce_size_limit(folder: Path, max_bytes: float) -> None:
+    _remove_stale_temp_files(folder)
     entries = sorted(folder.glob("*.pt"), key=lambda path: path.stat().st_mtime)
     total = sum(path.stat().st_size for path in entries)
     for path in entries[:-1]:  # never the entry just written
@@ -132,7 +145,7 @@ def clear_cache(folder: Optional[Path] = None) -> int:
     """Delete every cached entry; returns the number of bytes freed."""
     folder = folder or DEFAULT_CACHE_DIR
     freed = 0
-    for path in folder.glob("*.pt"):
+    for path in [*folder.glob("*.pt"), *folder.glob(".*.tmp")]:
         freed += path.stat().st_size
         path.unlink(missing_ok=True)
     return freed

@@ -174,11 +174,17 @@ class TrackedRun:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             self.end("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.end("KILLED")
-        else:
-            with contextlib.suppress(Exception):  # never hide the original error
-                self.end("FAILED")
+            return False
+        status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        try:
+            self.end(status)
+        except Exception:  # the interrupted client may be unusable (e.g. a locked SQLite session)
+            from mlflow.tracking import MlflowClient
+
+            try:
+                MlflowClient(self.tracker.uri).set_terminated(self.run_id, status=status)
+            except Exception as error:  # never hide the original error
+                log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, error)
         return False
 
 

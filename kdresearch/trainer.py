@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from kdresearch import devices, distributed, resume
+from kdresearch import devices, distributed, interrupts, resume
 from kdresearch.checkpoint import capture_rng, keep_last, restore_rng, save_checkpoint
 from kdresearch.data import BatchIterator, ImageData
 from kdresearch.errors import KDResearchError
@@ -113,6 +113,7 @@ def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device, pre
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
     for images, labels, _ in batches:
+        interrupts.check()
         with devices.autocast(device, precision):
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
@@ -134,6 +135,7 @@ def train_one_epoch(student, loss_fn, loss_call, teacher_outputs, optimizer, bat
     bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                disable=cfg.quiet, leave=False, dynamic_ncols=True)
     for step, (images, labels, index) in enumerate(bar, start=1):
+        interrupts.check()
         with devices.autocast(device, cfg.device.precision):
             student_out = forward(student, images, loss_fn.student_features)
             teacher_out = teacher_outputs(images, index) if teacher_outputs else None
@@ -311,6 +313,7 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
                 "loss": loss_fn.state_dict(), "rng": capture_rng({"data_order": data_order}),
                 "config": OmegaConf.to_yaml(resolved), "metrics": metrics,
             }
+            interrupts.check()
             save_checkpoint(state, checkpoint_dir / f"epoch_{epoch:04d}.pt")
             keep_last(checkpoint_dir, "epoch_*.pt", cfg.checkpoint.keep_last)
             tracked.log_metrics(metrics, step=epoch)
