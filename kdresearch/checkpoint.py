@@ -67,7 +67,7 @@ def load_checkpoint(path: Path) -> dict:
             with zipfile.ZipFile(path) as archive:
                 damaged = archive.testzip()
             if damaged is not None:
-                raise KDResearchError(f"checkpoint {path} is corrupt (bad checksum in {damaged})")
+                raise KDResearchError(f"checkpoint {path} is truncated or corrupt (bad checksum in {damaged})")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except KDResearchError:
         raise

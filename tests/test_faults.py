@@ -359,11 +359,6 @@ def test_ctrl_c_then_resume_by_run_id_matches_uninterrupted_run(tmp_path, backgr
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "train.py turns SIGINT/SIGTERM into a KeyboardInterrupt wherever the job is; inside an MLflow "
-    "SQLite write it breaks the store connection: MLflow raises 'database is locked' (after its 20 s "
-    "busy timeout) instead of the KeyboardInterrupt, TrackedRun.__exit__ cannot end the run, the "
-    "run stays RUNNING and the user gets a traceback. Defer the signal to a safe point instead."))
 def test_interrupt_during_mlflow_write_still_ends_run_killed(tmp_path):
     """Ctrl-C while the job waits for the store (another process holds the SQLite write lock,
     as a busy shared store does) to log epoch 1: the run must still end KILLED."""
@@ -493,10 +488,6 @@ def test_save_replaces_atomically(previous_checkpoint):
 
 # --- 7. disk: failing writes ------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "checkpoint.save_checkpoint: a write error inside torch.save (disk full) surfaces as torch's "
-    "RuntimeError('[enforce fail at inline_container.cc] unexpected pos ...') with the OSError only "
-    "in __context__; only OSError is turned into 'could not write checkpoint'"))
 def test_save_with_disk_full_during_write_is_a_clear_error(previous_checkpoint, monkeypatch):
     real_fdopen = os.fdopen
 
@@ -518,9 +509,6 @@ def test_save_with_disk_full_during_write_is_a_clear_error(previous_checkpoint, 
         assert_previous_intact(previous_checkpoint)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "checkpoint.save_checkpoint: path.parent.mkdir() and tempfile.mkstemp() run outside the try, so "
-    "an unwritable or blocked checkpoint folder raises a bare OSError (a traceback in train.py)"))
 @pytest.mark.parametrize("blocked", ["parent-is-a-file", "permission-denied"])
 def test_save_into_unwritable_folder_is_a_clear_error(tmp_path, monkeypatch, blocked):
     if blocked == "parent-is-a-file":
@@ -539,9 +527,6 @@ def _file_size_limit():  # runs in the child before exec: writes beyond 2 MB fai
     resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, resource.RLIM_INFINITY))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "checkpoint.save_checkpoint: a real write failure (here EFBIG from RLIMIT_FSIZE, like ENOSPC) "
-    "becomes torch's RuntimeError, so train.py prints a traceback instead of 'could not write checkpoint'"))
 @pytest.mark.slow
 def test_train_with_failing_checkpoint_write_reports_it(tmp_path):
     """End to end: the checkpoint (3.2 MB) cannot be written; the job says so in one line, the
@@ -585,10 +570,6 @@ def test_load_checkpoint_refuses_code_carrying_pickle(tmp_path, writer):
         assert "refusing to load" in str(refused.value) and "could run code" in str(refused.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "checkpoint.load_checkpoint quotes only the first line of torch's UnpicklingError, which is torch's "
-    "boilerplate advising that re-running with weights_only=False 'will likely succeed' (unsafe advice for "
-    "a crafted file) and hides the actual reason ('unsupported GLOBAL posix.system')"))
 def test_refusal_message_names_the_blocked_call_and_gives_no_unsafe_advice(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": Evil(tmp_path / "pwned")}, path)
@@ -629,10 +610,6 @@ def test_load_checkpoint_other_clear_errors(tmp_path):
     assert torch.equal(ckpt.load_checkpoint(tmp_path / "bare.pt")["w"], torch.ones(2))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "checkpoint.load_checkpoint: bytes that are neither a zip nor a pickle escape as torch's KeyError "
-    "(a text file) or are misreported as 'could run code' (random bytes, or a checkpoint cut after 1-3 "
-    "bytes: torch's 'Unsupported operand' UnpicklingError) instead of 'truncated or corrupt'"))
 @pytest.mark.parametrize("content", ["text", "random-bytes", "first-3-bytes"])
 def test_load_checkpoint_garbage_is_truncated_or_corrupt(tmp_path, content):
     path = tmp_path / "garbage.pt"
@@ -646,9 +623,6 @@ def test_load_checkpoint_garbage_is_truncated_or_corrupt(tmp_path, content):
         ckpt.load_checkpoint(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "checkpoint.load_checkpoint: torch's zip reader does not check CRC32s, so a checkpoint whose tensor "
-    "bytes were damaged loads silently with wrong weights (zipfile.ZipFile(path).testzip() detects it)"))
 def test_load_checkpoint_detects_damaged_tensor_bytes(tmp_path):
     path = real_checkpoint(tmp_path)
     data = bytearray(path.read_bytes())
@@ -667,10 +641,6 @@ def test_train_refuses_crafted_teacher_checkpoint(background):
     assert all_runs(job.store) == []  # refused before any run was started
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "data._read_batch and load_cifar10 (batches.meta) use plain pickle.load: with data.verify=false "
-    "(the README's way to load the shared re-encoded sample), and for batches.meta even with "
-    "verify=true (its md5 is never checked), a crafted file in data.root runs code"))
 def test_cifar10_files_cannot_run_code(tmp_path):
     import numpy as np
 
@@ -856,10 +826,6 @@ def test_teacher_cache_size_limit_removes_least_recently_used(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["newest.pt"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "teacher._run_checkpoint downloads the teacher's final.pt into a mkdtemp folder teacher-XXXX inside "
-    "the job folder and never removes it: every distillation job (and every resume of one) keeps a "
-    "copy (3 MB for LightNN, ~14 MB for DeepNN), unbounded over a sweep"))
 def test_teacher_download_leaves_no_copy_in_the_job_folder(tmp_path):
     from kdresearch import teacher
 
@@ -878,10 +844,6 @@ def test_teacher_download_leaves_no_copy_in_the_job_folder(tmp_path):
     assert list(work_dir.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "teacher_outputs._enforce_size_limit (and clear_cache) see only *.pt: the hidden .<name>.pt.*.tmp "
-    "file that a job killed while writing a cache entry leaves (possibly GBs) is never counted "
-    "against cache.max_gb nor deleted"))
 def test_teacher_cache_size_limit_removes_stale_temp_files(tmp_path):
     folder = tmp_path / "cache"
     folder.mkdir()
