@@ -188,14 +188,17 @@ def make_synthetic(num_train: int = 2000, num_test: int = 500, num_classes: int 
     coarse = torch.randn(num_classes, 3, 8, 8, generator=generator)
     patterns = torch.nn.functional.interpolate(coarse, size=(40, 40), mode="bilinear", align_corners=False)
 
-    def sample(count: int):
+    def sample(count: int, chunk: int = 4096):
         labels = torch.randint(0, num_classes, (count,), generator=generator)
         dx, dy = (torch.randint(0, 9, (count,), generator=generator) for _ in range(2))
-        crops = torch.stack([patterns[label, :, y:y + 32, x:x + 32]
-                             for label, x, y in zip(labels.tolist(), dx.tolist(), dy.tolist())])
         contrast = 0.6 + 0.8 * torch.rand(count, 1, 1, 1, generator=generator)
-        pixels = crops * contrast + noise * torch.randn(count, 3, 32, 32, generator=generator)
-        images = (128 + 50 * pixels).round().clamp(0, 255).to(torch.uint8)
+        images = torch.empty(count, 3, 32, 32, dtype=torch.uint8)
+        # In chunks: float intermediates for 50,000 images would take GBs; the result is uint8.
+        for start in range(0, count, chunk):
+            part = range(start, min(start + chunk, count))
+            crops = torch.stack([patterns[labels[i], :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32] for i in part])
+            pixels = crops * contrast[start:part.stop] + noise * torch.randn(len(part), 3, 32, 32, generator=generator)
+            images[start:part.stop] = (128 + 50 * pixels).round().clamp(0, 255).to(torch.uint8)
         return images, labels
 
     classes = tuple(f"pattern_{index}" for index in range(num_classes))
