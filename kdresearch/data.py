@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -40,9 +40,16 @@ class ImageData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool = False  # random crop + flip of training batches (BatchIterator)
+    _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     def fingerprint(self) -> str:
-        """Content hash of images, labels and preprocessing: identifies the data a model saw."""
+        """Content hash of images, labels and preprocessing: identifies the data a model saw.
+        Hashing 180 MB takes about a second, so it is computed once per dataset."""
+        if self._fingerprint is None:
+            self._fingerprint = self._hash()
+        return self._fingerprint
+
+    def _hash(self) -> str:
         digest = hashlib.sha256()
         for tensor in (self.train_images, self.train_labels, self.test_images, self.test_labels):
             digest.update(tensor.contiguous().numpy().tobytes())

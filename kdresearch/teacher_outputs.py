@@ -40,8 +40,8 @@ class OnlineTeacher:
 
     used_cache = False
 
-    def __init__(self, teacher: nn.Module, fields: tuple[str, ...], device: torch.device, precision: str):
-        self.teacher, self.fields = teacher, fields
+    def __init__(self, teacher: nn.Module, device: torch.device, precision: str):
+        self.teacher = teacher
         self.device, self.precision = device, precision
 
     @torch.no_grad()
@@ -116,7 +116,7 @@ def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: ImageData
     if augment or not cache_cfg.enabled:
         reason = "data.augment is on" if augment else "cache.enabled=false"
         log.info("teacher outputs: computed online (%s)", reason)
-        return OnlineTeacher(teacher, fields, device, precision)
+        return OnlineTeacher(teacher, device, precision)
     folder = Path(cache_cfg.dir).expanduser() if cache_cfg.dir else DEFAULT_CACHE_DIR
     key = cache_key(teacher, data, precision, channels_last)
     path = folder / f"{key}-{'-'.join(fields)}.pt"

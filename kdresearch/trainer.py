@@ -206,9 +206,9 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
     resume_point = None
     if cfg.resume:
         # Rank 0 may need MLflow to find the job folder; the others follow its answer.
-        folder = distributed.broadcast_object(
-            world, str(resume.locate(str(cfg.resume), tracker).output_dir) if world.is_main else None)
-        resume_point = resume.locate(folder, tracker)
+        resume_point = resume.locate(str(cfg.resume), tracker) if world.is_main else None
+        folder = distributed.broadcast_object(world, str(resume_point.output_dir) if resume_point else None)
+        resume_point = resume_point or resume.locate(folder, tracker)
         resume.check_same_job(resume_point.checkpoint, resolved)
         output_dir = resume_point.output_dir
     memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
