@@ -8,7 +8,6 @@ Ctrl-C.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os

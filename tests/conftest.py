@@ -12,12 +12,12 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import pytest
-from omegaconf import OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -36,15 +36,22 @@ def tracking_uri(store: Path) -> str:
     return f"sqlite:///{Path(store).resolve() / 'mlflow.db'}"
 
 
-def _optional_overrides(store: Path) -> list[str]:
-    """Keep optional per-job side files (e.g. a teacher-output cache) inside the temp folder too,
-    for config keys that exist in this checkout's conf/config.yaml."""
-    top = OmegaConf.load(CONF_DIR / "config.yaml")
-    extra = []
-    cache = top.get("cache")
-    if cache is not None and "dir" in cache:
-        extra.append(f"cache.dir={Path(store).resolve() / 'cache'}")
-    return extra
+def run_command(command: list[str], timeout: float = 600, one_thread: bool = False) -> subprocess.CompletedProcess:
+    """Run a `train.py` command line from the repository root as a user would see it.
+
+    Returns the CompletedProcess with `.output` (stdout + stderr) and `.seconds` (wall time).
+    `one_thread` gives the job one compute thread, for tests that run two jobs side by side.
+    """
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)  # users see the short error, so tests do too
+    env["PYTHONUNBUFFERED"] = "1"
+    if one_thread:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    done.seconds = time.perf_counter() - started
+    done.output = done.stdout + done.stderr
+    return done
 
 
 def run_train(store: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -58,15 +65,10 @@ def run_train(store: Path, *overrides: str, timeout: float = 600) -> subprocess.
     command = [
         sys.executable, str(TRAIN_PY),
         f"tracking.uri={tracking_uri(store)}", "data=synthetic", "quiet=true",
-        f"hydra.run.dir={run_dir}", *_optional_overrides(store), *overrides,
+        f"hydra.run.dir={run_dir}", f"cache.dir={store / 'cache'}", *overrides,
     ]
-    env = dict(os.environ)
-    env.pop("HYDRA_FULL_ERROR", None)  # users see the short error, so tests do too
-    env["PYTHONUNBUFFERED"] = "1"
     # One compute thread per job: tests run two jobs side by side (run_parallel) on 2 cores.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    done.output = done.stdout + done.stderr
+    done = run_command(command, timeout, one_thread=True)
     done.run_dir = run_dir
     return done
 

@@ -10,18 +10,15 @@ project's `mlflow.db` or `outputs/`.
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
 import sys
-import time
 from itertools import product
 from pathlib import Path
 
-import pytest
+from conftest import run_command
 import yaml
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -40,14 +37,6 @@ def tracking_uri(folder: Path) -> str:
     return f"sqlite:///{folder.resolve() / 'mlflow.db'}"
 
 
-def side_file_overrides(folder: Path) -> list[str]:
-    """Keep optional per-job side files (the teacher-output cache) inside the test's folder, for
-    config keys that exist in this checkout's conf/config.yaml."""
-    top = OmegaConf.load(CONF_DIR / "config.yaml")
-    cache = top.get("cache")
-    return [f"cache.dir={folder.resolve() / 'cache'}"] if cache is not None and "dir" in cache else []
-
-
 def multirun(folder: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python train.py -m <overrides>` on the MLflow store and sweep folder inside `folder`.
 
@@ -60,16 +49,9 @@ def multirun(folder: Path, *overrides: str, timeout: float = 600) -> subprocess.
         sys.executable, str(REPO_ROOT / "train.py"), "-m",
         f"tracking.uri={tracking_uri(folder)}",
         f"hydra.sweep.dir={folder}/multirun/${{now:%Y-%m-%d}}/${{now:%H-%M-%S}}",
-        *side_file_overrides(folder), *TINY, *overrides,
+        f"cache.dir={folder / 'cache'}", *TINY, *overrides,
     ]
-    env = dict(os.environ)
-    env.pop("HYDRA_FULL_ERROR", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    done.seconds = time.perf_counter() - started
-    done.output = done.stdout + done.stderr
-    return done
+    return run_command(command, timeout)
 
 
 def check_sweep_ok(done: subprocess.CompletedProcess) -> None:

@@ -16,10 +16,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from conftest import run_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
 TINY = ("data=synthetic", "epochs=1", "data.limit_train=256", "data.limit_test=128", "quiet=true")
 SERVER_START_TIMEOUT = 180  # first start ~20-30 s here; much more when the 2 cores are busy
 
@@ -88,19 +87,9 @@ def mlflow_server(tmp_path):
 
 
 def train(tmp_path: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO_ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'job'}", *TINY]
-    top = OmegaConf.load(CONF_DIR / "config.yaml")
-    if top.get("cache") is not None and "dir" in top.cache:
-        command.append(f"cache.dir={tmp_path / 'cache'}")
-    command += list(overrides)
-    env = dict(os.environ)
-    env.pop("HYDRA_FULL_ERROR", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    done.seconds = time.perf_counter() - started
-    done.output = done.stdout + done.stderr
-    return done
+    command = [sys.executable, str(REPO_ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'job'}",
+               f"cache.dir={tmp_path / 'cache'}", *TINY, *overrides]
+    return run_command(command, timeout)
 
 
 def test_job_logs_to_tracking_server(tmp_path, mlflow_server):
