@@ -196,6 +196,7 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
     Under torchrun every rank calls this; rank 0 alone tracks, checkpoints and evaluates."""
     check_config(cfg)
     devices.set_deterministic(cfg.device.deterministic)
+    devices.keep_freed_memory(cfg.device.keep_freed_memory)
     device = devices.resolve_device(cfg.device.type)
     world = distributed.init(device.type)
     device = distributed.device_for(world, device)

@@ -2,7 +2,9 @@
 
 The baseline is the tutorial's code path: a shuffled DataLoader (batch 128, num_workers=2) over
 a dataset that turns each image into a PIL image and applies ToTensor + Normalize, NCHW fp32
-models, and the teacher's forward under no_grad on every student step. kdresearch runs the same
+models with the tutorial's (not in-place) ReLUs, and the teacher's forward under no_grad on every
+student step. It runs in a fresh Python process of its own, so that no setting kdresearch makes
+in its process (e.g. `device.keep_freed_memory`) reaches it. kdresearch runs the same
 jobs through `kdresearch.trainer.run_job` (in-memory data, channels_last, teacher-output cache,
 optionally bf16), with MLflow in a throw-away store. Both use the same data, epochs and batch size.
 
@@ -112,16 +114,24 @@ def tutorial_test(model, test_loader):
     return 100 * correct / total
 
 
+def as_written(model: nn.Module) -> nn.Module:
+    """The tutorial's ReLUs allocate their output; kdresearch's models work in place."""
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return model
+
+
 def tutorial_run(kind, data, epochs, batch_size, teacher_state=None):
     """One tutorial-style job; returns (seconds, test accuracy, final state_dict)."""
     started = time.perf_counter()
     train_loader, test_loader = tutorial_loaders(data, batch_size)
     teacher = None
     if teacher_state is not None:
-        teacher = DeepNN()
+        teacher = as_written(DeepNN())
         teacher.load_state_dict(teacher_state)
     torch.manual_seed(42)
-    model = DeepNN() if kind == "teacher" else LightNN()
+    model = as_written(DeepNN() if kind == "teacher" else LightNN())
     regressor = nn.Conv2d(16, 32, kernel_size=3, padding=1) if kind == "regressor" else None
     tutorial_train(model, teacher, train_loader, epochs, "ce" if kind in ("teacher", "ce") else kind,
                    regressor=regressor)
@@ -172,6 +182,29 @@ def peak_rss_of_full_size_kd(teacher_checkpoint: Path, work: Path) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1e6  # ru_maxrss is in KB on Linux
 
 
+def tutorial_pipeline(data: ImageData, epochs: int, batch_size: int) -> dict:
+    """The five tutorial-style jobs; its students learn from its own teacher."""
+    rows, accuracy = {}, {}
+    seconds, accuracy["tutorial teacher"], teacher_state = tutorial_run("teacher", data, epochs, batch_size)
+    rows["tutorial teacher run"] = seconds
+    print(f"  {'tutorial teacher run':<44} {seconds:9.1f} s", flush=True)
+    for kind in ("ce", "kd", "cosine", "regressor"):
+        seconds, accuracy[f"tutorial {kind}"], _ = tutorial_run(
+            kind, data, epochs, batch_size, None if kind == "ce" else teacher_state)
+        rows[f"tutorial {kind} run"] = seconds
+        print(f"  {f'tutorial {kind} run':<44} {seconds:9.1f} s", flush=True)
+    return {"seconds": rows, "accuracy": accuracy}
+
+
+def run_baseline_process(args, work: Path) -> dict:
+    """`tutorial_pipeline` in a fresh interpreter (see the module docstring); returns its numbers."""
+    out = work / "baseline.json"
+    command = [sys.executable, __file__, "--epochs", str(args.epochs), "--data", args.data,
+               "--root", str(args.root), "--batch-size", str(args.batch_size), "--baseline-only", str(out)]
+    subprocess.run(command, check=True)
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -182,6 +215,7 @@ def main() -> None:
     parser.add_argument("--sweep", type=int, default=8, help="temperatures in the KD sweep")
     parser.add_argument("--skip-rss", action="store_true", help="skip the 50,000-image peak-memory job")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--baseline-only", type=Path, help=argparse.SUPPRESS)  # the baseline's own process
     args = parser.parse_args()
 
     if args.data == "synthetic":
@@ -195,6 +229,9 @@ def main() -> None:
     ours = Ours(work, data_overrides, args.epochs)
     data = build(ours.config().data, "data")
     n_train, epochs = len(data.train_labels), args.epochs
+    if args.baseline_only:
+        args.baseline_only.write_text(json.dumps(tutorial_pipeline(data, epochs, args.batch_size)))
+        return
     print(f"benchmark: {args.data}, {n_train} training images, {epochs} epochs, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, work folder {work}", flush=True)
     rows, accuracy = {}, {}
@@ -240,14 +277,12 @@ def main() -> None:
     rows["ours bf16 pipeline"] = {"seconds": sum(rows[f"ours bf16 {k} run"]["seconds"]
                                                  for k in ("teacher", "ce", "kd", "cosine", "regressor"))}
 
-    # 4. The tutorial's loop, same data and epochs; its students learn from its own teacher.
-    print("tutorial loop (baseline):", flush=True)
-    seconds, accuracy["tutorial teacher"], teacher_state = tutorial_run("teacher", data, epochs, args.batch_size)
-    report("tutorial teacher run", seconds, n_train * epochs)
-    for kind in ("ce", "kd", "cosine", "regressor"):
-        seconds, accuracy[f"tutorial {kind}"], _ = tutorial_run(
-            kind, data, epochs, args.batch_size, None if kind == "ce" else teacher_state)
-        report(f"tutorial {kind} run", seconds)
+    # 4. The tutorial's loop, same data and epochs, in a process of its own.
+    print("tutorial loop (baseline, fresh process):", flush=True)
+    baseline = run_baseline_process(args, work)
+    for name, seconds in baseline["seconds"].items():
+        rows[name] = {"seconds": seconds, "images_per_s": None}
+    accuracy.update(baseline["accuracy"])
     rows["tutorial student CE epoch"] = {"seconds": rows["tutorial ce run"]["seconds"] / epochs}
     rows["tutorial pipeline"] = {"seconds": sum(rows[f"tutorial {k} run"]["seconds"]
                                                 for k in ("teacher", "ce", "kd", "cosine", "regressor"))}

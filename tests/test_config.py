@@ -166,3 +166,13 @@ def test_unknown_option_is_refused_by_hydra():
 
     with pytest.raises(MissingConfigException, match="loss/nope"):
         make_cfg("loss=nope")
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_applies_on_glibc_and_is_on_by_default():
+    from kdresearch import devices
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        assert compose("config").device.keep_freed_memory is True
+    assert devices.keep_freed_memory(True) is True
+    assert devices.keep_freed_memory(False) is False

@@ -143,6 +143,20 @@ def test_logits_equal_tutorial_forward(ours, theirs):
         torch.testing.assert_close(mine(images), tutorial(images), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("ours, theirs", PAIRS, ids=IDS)
+def test_in_place_relus_give_the_tutorials_gradients(ours, theirs):
+    # kdresearch's ReLUs work in place for speed; training must not notice.
+    tutorial = theirs().train()
+    mine = ours().train()
+    mine.load_state_dict(tutorial.state_dict())
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for model in (tutorial, mine):
+        torch.manual_seed(0)  # the same dropout mask in both
+        nn.functional.cross_entropy(model(images), labels).backward()
+    for (name, theirs_param), mine_param in zip(tutorial.named_parameters(), mine.parameters()):
+        torch.testing.assert_close(mine_param.grad, theirs_param.grad, rtol=0, atol=0, msg=name)
+
+
 def test_num_classes():
     assert DeepNN(num_classes=100)(torch.randn(2, 3, 32, 32)).shape == (2, 100)
     assert LightNN(num_classes=7)(torch.randn(2, 3, 32, 32)).shape == (2, 7)

@@ -141,6 +141,7 @@ def test_student_ce_run(explicit, tmp_path):
     assert "teacher_run_id" not in tags
     assert student.data.params["parameter_count"] == "267738"
     assert student.data.params["epochs"] == str(CE_EPOCHS)
+    assert student.data.params["device.keep_freed_memory"] == "True"
 
     history = all_metrics(client, student)
     for key in (*EPOCH_METRICS, "train/ce"):
