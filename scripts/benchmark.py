@@ -11,6 +11,7 @@ optionally bf16), with MLflow in a throw-away store. Both use the same data, epo
     python scripts/benchmark.py                          # 10 epochs on ../shared/data/cifar10-real-10k
     python scripts/benchmark.py --epochs 3 --skip-rss    # shorter
     python scripts/benchmark.py --data synthetic         # no CIFAR copy needed
+    python scripts/benchmark.py --accuracy-only --seeds 43 44   # accuracy over more seeds
 
 Prints one table of times, images/s, speed-ups and accuracies; `--json PATH` saves the numbers.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,11 @@ from kdresearch.models import DeepNN, LightNN  # noqa: E402
 from kdresearch.trainer import build, run_job  # noqa: E402
 
 DEFAULT_REAL = ROOT.parent / "shared" / "data" / "cifar10-real-10k"
+# The tutorial's five jobs, in order, as kdresearch overrides.
+PIPELINE = {"teacher": ["model=deep"], "ce": [], "kd": ["loss=kd"], "cosine": ["loss=cosine"],
+            "regressor": ["loss=regressor"]}
+KINDS = tuple(PIPELINE)
+ACCURACY_TOLERANCE = 1.5  # points, the issue's bound on |ours - tutorial|
 
 
 # --- the tutorial's loop, as written --------------------------------------------------------------
@@ -122,7 +129,7 @@ def as_written(model: nn.Module) -> nn.Module:
     return model
 
 
-def tutorial_run(kind, data, epochs, batch_size, teacher_state=None):
+def tutorial_run(kind, data, epochs, batch_size, teacher_state=None, seed=42):
     """One tutorial-style job; returns (seconds, test accuracy, final state_dict)."""
     started = time.perf_counter()
     train_loader, test_loader = tutorial_loaders(data, batch_size)
@@ -130,7 +137,7 @@ def tutorial_run(kind, data, epochs, batch_size, teacher_state=None):
     if teacher_state is not None:
         teacher = as_written(DeepNN())
         teacher.load_state_dict(teacher_state)
-    torch.manual_seed(42)
+    torch.manual_seed(seed)
     model = as_written(DeepNN() if kind == "teacher" else LightNN())
     regressor = nn.Conv2d(16, 32, kernel_size=3, padding=1) if kind == "regressor" else None
     tutorial_train(model, teacher, train_loader, epochs, "ce" if kind in ("teacher", "ce") else kind,
@@ -182,25 +189,26 @@ def peak_rss_of_full_size_kd(teacher_checkpoint: Path, work: Path) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1e6  # ru_maxrss is in KB on Linux
 
 
-def tutorial_pipeline(data: ImageData, epochs: int, batch_size: int) -> dict:
+def tutorial_pipeline(data: ImageData, epochs: int, batch_size: int, seed: int) -> dict:
     """The five tutorial-style jobs; its students learn from its own teacher."""
     rows, accuracy = {}, {}
-    seconds, accuracy["tutorial teacher"], teacher_state = tutorial_run("teacher", data, epochs, batch_size)
+    seconds, accuracy["teacher"], teacher_state = tutorial_run("teacher", data, epochs, batch_size, seed=seed)
     rows["tutorial teacher run"] = seconds
-    print(f"  {'tutorial teacher run':<44} {seconds:9.1f} s", flush=True)
-    for kind in ("ce", "kd", "cosine", "regressor"):
-        seconds, accuracy[f"tutorial {kind}"], _ = tutorial_run(
-            kind, data, epochs, batch_size, None if kind == "ce" else teacher_state)
+    print(f"  {'tutorial teacher run':<44} {seconds:9.1f} s    test/acc {accuracy['teacher']:.2f}", flush=True)
+    for kind in KINDS[1:]:
+        seconds, accuracy[kind], _ = tutorial_run(
+            kind, data, epochs, batch_size, None if kind == "ce" else teacher_state, seed=seed)
         rows[f"tutorial {kind} run"] = seconds
-        print(f"  {f'tutorial {kind} run':<44} {seconds:9.1f} s", flush=True)
+        print(f"  {f'tutorial {kind} run':<44} {seconds:9.1f} s    test/acc {accuracy[kind]:.2f}", flush=True)
     return {"seconds": rows, "accuracy": accuracy}
 
 
-def run_baseline_process(args, work: Path) -> dict:
+def run_baseline_process(args, work: Path, seed: int) -> dict:
     """`tutorial_pipeline` in a fresh interpreter (see the module docstring); returns its numbers."""
-    out = work / "baseline.json"
+    out = work / f"baseline-{seed}.json"
     command = [sys.executable, __file__, "--epochs", str(args.epochs), "--data", args.data,
-               "--root", str(args.root), "--batch-size", str(args.batch_size), "--baseline-only", str(out)]
+               "--root", str(args.root), "--batch-size", str(args.batch_size), "--seeds", str(seed),
+               "--baseline-only", str(out)]
     subprocess.run(command, check=True)
     return json.loads(out.read_text())
 
@@ -212,6 +220,10 @@ def main() -> None:
     parser.add_argument("--data", choices=["cifar10-real-10k", "synthetic"], default="cifar10-real-10k")
     parser.add_argument("--root", type=Path, default=DEFAULT_REAL, help="CIFAR-10 copy for --data cifar10-real-10k")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42],
+                        help="training seeds; speed is measured on the first, accuracy averaged over all")
+    parser.add_argument("--accuracy-only", action="store_true",
+                        help="only the accuracy comparison: no online-KD run, sweep, memory job or speed-ups")
     parser.add_argument("--sweep", type=int, default=8, help="temperatures in the KD sweep")
     parser.add_argument("--skip-rss", action="store_true", help="skip the 50,000-image peak-memory job")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
@@ -224,102 +236,120 @@ def main() -> None:
         if not (args.root / "cifar-10-batches-py").is_dir():
             sys.exit(f"benchmark: no CIFAR-10 copy at {args.root}; pass --root or --data synthetic")
         data_overrides = [f"data.root={args.root}", "data.verify=false"]
-    torch.set_num_threads(torch.get_num_threads())
+    if args.baseline_only:
+        data = build(Ours(Path(tempfile.gettempdir()), data_overrides, args.epochs).config().data, "data")
+        numbers = tutorial_pipeline(data, args.epochs, args.batch_size, args.seeds[0])
+        args.baseline_only.write_text(json.dumps(numbers))
+        return
     work = Path(tempfile.mkdtemp(prefix="kd-bench-"))
     ours = Ours(work, data_overrides, args.epochs)
     data = build(ours.config().data, "data")
     n_train, epochs = len(data.train_labels), args.epochs
-    if args.baseline_only:
-        args.baseline_only.write_text(json.dumps(tutorial_pipeline(data, epochs, args.batch_size)))
-        return
     print(f"benchmark: {args.data}, {n_train} training images, {epochs} epochs, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, work folder {work}", flush=True)
-    rows, accuracy = {}, {}
+          f"seeds {' '.join(map(str, args.seeds))}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, work folder {work}", flush=True)
+    rows = {}  # speed numbers, from the first seed's jobs
+    accuracy = {}  # (source, kind) -> [test accuracy per seed]
 
-    def report(name, seconds, images=None):
-        rows[name] = {"seconds": seconds, "images_per_s": images / seconds if images else None}
+    def report(name, seconds, images=None, acc=None):
+        rows.setdefault(name, {"seconds": seconds, "images_per_s": images / seconds if images else None})
         rate = f"{images / seconds:9.1f} img/s" if images else ""
-        print(f"  {name:<44} {seconds:9.1f} s {rate}", flush=True)
+        print(f"  {name:<44} {seconds:9.1f} s {rate}{'' if acc is None else f'   test/acc {acc:.2f}'}", flush=True)
 
-    # 1. kdresearch, fp32, from scratch: teacher, CE, KD (cache built here), cosine, regressor.
-    print("kdresearch fp32 pipeline:", flush=True)
-    for kind, overrides in [("teacher", ["model=deep"]), ("ce", []), ("kd", ["loss=kd"]),
-                            ("cosine", ["loss=cosine"]), ("regressor", ["loss=regressor"])]:
-        seconds, acc, train_seconds, result = ours.run(*overrides)
-        report(f"ours fp32 {kind} run", seconds)
-        accuracy[f"ours fp32 {kind}"] = acc
-        if kind == "teacher":
-            teacher_checkpoint = result.checkpoint
-            report("ours fp32 teacher training (epochs only)", train_seconds, n_train * epochs)
-        if kind == "ce":
-            report("ours fp32 student CE epoch", train_seconds / epochs)
-    rows["ours fp32 pipeline"] = {"seconds": sum(rows[f"ours fp32 {k} run"]["seconds"]
-                                                 for k in ("teacher", "ce", "kd", "cosine", "regressor"))}
-    teacher_ref = f"teacher.checkpoint={teacher_checkpoint}"
-    seconds, acc, _, _ = ours.run("loss=kd", "cache.enabled=false", teacher_ref)
-    report("ours fp32 kd run, teacher online (no cache)", seconds)
+    def ours_pipeline(precision: str, seed: int) -> Path:
+        """kdresearch's five jobs from scratch; students find the teacher automatically."""
+        print(f"kdresearch {precision} pipeline, seed {seed}:", flush=True)
+        for kind, overrides in PIPELINE.items():
+            seconds, acc, train_seconds, result = ours.run(f"device.precision={precision}", f"seed={seed}", *overrides)
+            report(f"ours {precision} {kind} run", seconds, acc=acc)
+            accuracy.setdefault((f"ours {precision}", kind), []).append(acc)
+            if kind == "teacher":
+                teacher_checkpoint = result.checkpoint
+                report(f"ours {precision} teacher training (epochs only)", train_seconds, n_train * epochs)
+            if kind == "ce":
+                report(f"ours {precision} student CE epoch", train_seconds / epochs)
+        rows.setdefault(f"ours {precision} pipeline", {"seconds": sum(
+            rows[f"ours {precision} {kind} run"]["seconds"] for kind in KINDS)})
+        return teacher_checkpoint
 
-    # 2. KD sweep over temperatures on the existing teacher, with an empty cache: built once.
-    sweep_started = time.perf_counter()
-    for T in range(1, args.sweep + 1):
-        ours.run("loss=kd", f"T={T}", teacher_ref, f"cache.dir={work / 'sweep-cache'}")
-    report(f"ours fp32 kd sweep of {args.sweep} temperatures", time.perf_counter() - sweep_started)
+    for index, seed in enumerate(args.seeds):
+        timed = index == 0 and not args.accuracy_only
+        teacher_checkpoint = ours_pipeline("fp32", seed)
+        if timed:
+            teacher_ref = f"teacher.checkpoint={teacher_checkpoint}"
+            seconds, _, _, _ = ours.run("loss=kd", "cache.enabled=false", teacher_ref, f"seed={seed}")
+            report("ours fp32 kd run, teacher online (no cache)", seconds)
+            # A KD sweep over temperatures on the existing teacher, with an empty cache: built once.
+            sweep_started = time.perf_counter()
+            for T in range(1, args.sweep + 1):
+                ours.run("loss=kd", f"T={T}", teacher_ref, f"cache.dir={work / 'sweep-cache'}", f"seed={seed}")
+            report(f"ours fp32 kd sweep of {args.sweep} temperatures", time.perf_counter() - sweep_started)
+            rss_teacher = teacher_checkpoint
+        ours_pipeline("bf16", seed)
+        print(f"tutorial loop (baseline, fresh process), seed {seed}:", flush=True)
+        baseline = run_baseline_process(args, work, seed)
+        for name, seconds in baseline["seconds"].items():
+            rows.setdefault(name, {"seconds": seconds, "images_per_s": None})
+        for kind, acc in baseline["accuracy"].items():
+            accuracy.setdefault(("tutorial", kind), []).append(acc)
 
-    # 3. kdresearch, bf16 autocast, from scratch.
-    print("kdresearch bf16 pipeline:", flush=True)
-    for kind, overrides in [("teacher", ["model=deep"]), ("ce", []), ("kd", ["loss=kd"]),
-                            ("cosine", ["loss=cosine"]), ("regressor", ["loss=regressor"])]:
-        seconds, acc, train_seconds, _ = ours.run("device.precision=bf16", *overrides)
-        report(f"ours bf16 {kind} run", seconds)
-        accuracy[f"ours bf16 {kind}"] = acc
-        if kind == "teacher":
-            report("ours bf16 teacher training (epochs only)", train_seconds, n_train * epochs)
-    rows["ours bf16 pipeline"] = {"seconds": sum(rows[f"ours bf16 {k} run"]["seconds"]
-                                                 for k in ("teacher", "ce", "kd", "cosine", "regressor"))}
+    targets, rss = [], None
+    if not args.accuracy_only:
+        rss = None if args.skip_rss else peak_rss_of_full_size_kd(rss_teacher, work)
+        targets = speed_targets(rows, n_train, epochs, args.sweep)
+        print("\nspeed-up over the tutorial loop (same data, epochs, batch size, one run):")
+        for name, value, target in targets:
+            print(f"  {name:<46} {value:6.2f}x   target {target:>4}x   {'met' if value >= target else 'MISSED'}")
+    print_accuracy(accuracy, len(args.seeds))
+    if rss is not None:
+        print(f"\npeak RSS of a 50,000-image KD job (cache built in the job): {rss:.2f} GB (target <= 2.5 GB)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "rows": rows, "accuracy": {f"{source} {kind}": values for (source, kind), values in accuracy.items()},
+            "rss_gb": rss, "targets": targets, "epochs": epochs, "train_images": n_train, "seeds": args.seeds,
+        }, indent=2))
 
-    # 4. The tutorial's loop, same data and epochs, in a process of its own.
-    print("tutorial loop (baseline, fresh process):", flush=True)
-    baseline = run_baseline_process(args, work)
-    for name, seconds in baseline["seconds"].items():
-        rows[name] = {"seconds": seconds, "images_per_s": None}
-    accuracy.update(baseline["accuracy"])
+
+def speed_targets(rows: dict, n_train: int, epochs: int, sweep: int) -> list[tuple[str, float, float]]:
+    """(what, speed-up, the issue's target) for each target, from one seed's timings."""
+    rows["tutorial teacher run"]["images_per_s"] = n_train * epochs / rows["tutorial teacher run"]["seconds"]
     rows["tutorial student CE epoch"] = {"seconds": rows["tutorial ce run"]["seconds"] / epochs}
-    rows["tutorial pipeline"] = {"seconds": sum(rows[f"tutorial {k} run"]["seconds"]
-                                                for k in ("teacher", "ce", "kd", "cosine", "regressor"))}
-    # Every job of a tutorial-style sweep repeats the same teacher forwards: 8 equal-cost KD runs.
-    rows["tutorial kd sweep"] = {"seconds": args.sweep * rows["tutorial kd run"]["seconds"]}
-
-    rss = None if args.skip_rss else peak_rss_of_full_size_kd(teacher_checkpoint, work)
+    rows["tutorial pipeline"] = {"seconds": sum(rows[f"tutorial {kind} run"]["seconds"] for kind in KINDS)}
+    # Every job of a tutorial-style sweep repeats the same teacher forwards: equal-cost KD runs.
+    rows["tutorial kd sweep"] = {"seconds": sweep * rows["tutorial kd run"]["seconds"]}
 
     def ratio(baseline, ours_key, field="seconds"):
         base, mine = rows[baseline][field], rows[ours_key][field]
         return mine / base if field == "images_per_s" else base / mine
 
-    t = rows["tutorial teacher run"]["seconds"]
-    rows["tutorial teacher run"]["images_per_s"] = n_train * epochs / t
-    targets = [
+    return [
         ("teacher training img/s, fp32", ratio("tutorial teacher run", "ours fp32 teacher training (epochs only)", "images_per_s"), 1.4),
         ("teacher training img/s, bf16", ratio("tutorial teacher run", "ours bf16 teacher training (epochs only)", "images_per_s"), 2.5),
         ("student CE epoch", ratio("tutorial student CE epoch", "ours fp32 student CE epoch"), 2.5),
         (f"{epochs}-epoch KD run incl. cache build, fp32", ratio("tutorial kd run", "ours fp32 kd run"), 8),
         (f"{epochs}-epoch KD run incl. cache build, bf16", ratio("tutorial kd run", "ours bf16 kd run"), 10),
-        (f"KD sweep of {args.sweep} temperatures, fp32", ratio("tutorial kd sweep", f"ours fp32 kd sweep of {args.sweep} temperatures"), 15),
+        (f"KD sweep of {sweep} temperatures, fp32", ratio("tutorial kd sweep", f"ours fp32 kd sweep of {sweep} temperatures"), 15),
         ("five-run pipeline from scratch, fp32", ratio("tutorial pipeline", "ours fp32 pipeline"), 2.3),
         ("five-run pipeline from scratch, bf16", ratio("tutorial pipeline", "ours bf16 pipeline"), 4),
     ]
-    print("\nspeed-up over the tutorial loop (same data, epochs, batch size, one run):")
-    for name, value, target in targets:
-        print(f"  {name:<46} {value:6.2f}x   target {target:>4}x   {'met' if value >= target else 'MISSED'}")
-    print("\ntest accuracy (%):")
-    for kind in ("teacher", "ce", "kd", "cosine", "regressor"):
-        base = accuracy[f"tutorial {kind}"]
-        print(f"  {kind:<10} tutorial {base:6.2f}   ours fp32 {accuracy[f'ours fp32 {kind}']:6.2f}   "
-              f"ours bf16 {accuracy[f'ours bf16 {kind}']:6.2f}")
-    if rss is not None:
-        print(f"\npeak RSS of a 50,000-image KD job (cache built in the job): {rss:.2f} GB (target <= 2.5 GB)")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "accuracy": accuracy, "rss_gb": rss,
-                                         "targets": targets, "epochs": epochs, "train_images": n_train}, indent=2))
+
+
+def print_accuracy(accuracy: dict, seeds: int) -> None:
+    """Mean (and spread over seeds) of each job's final test accuracy, ours minus the tutorial's."""
+    def cell(values):
+        mean = statistics.mean(values)
+        return f"{mean:6.2f}" + (f" ± {statistics.stdev(values):4.2f}" if len(values) > 1 else "")
+
+    print(f"\ntest accuracy (%, mean{' ± std' if seeds > 1 else ''} over {seeds} seed{'s' * (seeds > 1)}; "
+          f"ours - tutorial within {ACCURACY_TOLERANCE} points?):")
+    for kind in KINDS:
+        base = statistics.mean(accuracy[("tutorial", kind)])
+        line = f"  {kind:<10} tutorial {cell(accuracy[('tutorial', kind)])}"
+        for source in ("ours fp32", "ours bf16"):
+            gap = statistics.mean(accuracy[(source, kind)]) - base
+            verdict = "ok" if abs(gap) <= ACCURACY_TOLERANCE else "OUTSIDE"
+            line += f"   {source} {cell(accuracy[(source, kind)])} ({gap:+.2f} {verdict})"
+        print(line)
 
 
 if __name__ == "__main__":
