@@ -12,7 +12,7 @@ import hashlib
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,22 @@ CIFAR10_CLASSES = (
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch"
+
+
+class Dataset(Protocol):
+    """What the trainer needs of a dataset: `ImageData` (in memory, below) or
+    `kdresearch.streaming.ImageFolderData` (image files read per batch by DataLoader workers)."""
+
+    name: str
+    augment: bool
+
+    def fingerprint(self) -> str:
+        """Content hash of the samples, labels and preprocessing."""
+
+    def batches(self, split: str, batch_size: int, device: torch.device,
+                generator: Optional[torch.Generator] = None, channels_last: bool = False,
+                augment: bool = False, shard: tuple[int, int] = (0, 1)):
+        """A re-iterable of (normalised images, labels, sample index) with len() = batches per pass."""
 
 
 @dataclass
@@ -49,6 +65,13 @@ class ImageData:
             self._fingerprint = self._hash()
         return self._fingerprint
 
+    def batches(self, split: str, batch_size: int, device: torch.device,
+                generator: Optional[torch.Generator] = None, channels_last: bool = False,
+                augment: bool = False, shard: tuple[int, int] = (0, 1)) -> "BatchIterator":
+        """Batches of the `train` or `test` split (see BatchIterator)."""
+        images, labels = (self.train_images, self.train_labels) if split == "train" else (self.test_images, self.test_labels)
+        return BatchIterator(images, labels, self, batch_size, device, generator, channels_last, augment, shard)
+
     def _hash(self) -> str:
         digest = hashlib.sha256()
         for tensor in (self.train_images, self.train_labels, self.test_images, self.test_labels):
@@ -57,11 +80,16 @@ class ImageData:
         return digest.hexdigest()[:16]
 
 
-def _limited(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int], what: str):
-    if limit is None:
-        return images, labels
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+def check_limit(limit: Optional[int], what: str) -> Optional[int]:
+    """`data.limit_train` / `data.limit_test`: None (all) or a positive integer."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise KDResearchError(f"data.{what} must be a positive integer or null, got {limit!r}")
+    return limit
+
+
+def _limited(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int], what: str):
+    if check_limit(limit, what) is None:
+        return images, labels
     return images[:limit].contiguous(), labels[:limit].contiguous()
 
 
@@ -229,6 +257,35 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
                   rows, columns[:, None, None, :]]
 
 
+class Normalizer:
+    """uint8 image batches -> float on `device`, normalised, in the chosen memory format: the
+    tutorial's ToTensor() + Normalize(mean, std), folded into one multiply-add per pixel."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device, channels_last: bool):
+        mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+        std_t = torch.tensor(std).view(1, 3, 1, 1)
+        self.scale = (1 / (255 * std_t)).to(device)
+        self.shift = (-mean_t / std_t).to(device)
+        self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True).float()
+        return (images * self.scale + self.shift).contiguous(memory_format=self.memory_format)
+
+
+def batch_indices(count: int, batch_size: int, order: Optional[torch.Tensor],
+                  shard: tuple[int, int]) -> Iterator[torch.Tensor]:
+    """The sample indices of each batch: `order` (a permutation) cut into global batches, of which
+    data-parallel process `rank` of `size` takes every size-th sample; None means stored order."""
+    rank, size = shard
+    for start in range(0, count, batch_size):
+        if order is None:
+            yield torch.arange(start, min(start + batch_size, count))
+        else:
+            yield order[start:start + batch_size][rank::size]
+
+
 class BatchIterator:
     """Batches of normalised float images on `device`, in a seeded order.
 
@@ -245,16 +302,11 @@ class BatchIterator:
             raise ValueError("augmentation draws from the shuffling generator; pass one")
         self.images, self.labels = images, labels
         self.augment = augment
-        self.rank, self.world_size = shard  # data-parallel: this process's share of each batch
+        self.shard = shard  # data-parallel: (this process's rank, number of processes)
         self.batch_size = batch_size
         self.device = device
         self.generator = generator
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        # Normalize((x/255 - mean)/std) folded into one multiply-add per pixel.
-        mean = torch.tensor(data.mean).view(1, 3, 1, 1)
-        std = torch.tensor(data.std).view(1, 3, 1, 1)
-        self.scale = (1 / (255 * std)).to(device)
-        self.shift = (-mean / std).to(device)
+        self.normalize = Normalizer(data.mean, data.std, device, channels_last)
 
     def __len__(self) -> int:
         return (len(self.labels) + self.batch_size - 1) // self.batch_size
@@ -263,16 +315,12 @@ class BatchIterator:
         """Yields (images, labels, index): index says which stored samples the batch holds."""
         count = len(self.labels)
         order = torch.randperm(count, generator=self.generator) if self.generator is not None else None
-        for start in range(0, count, self.batch_size):
-            if order is None:
-                index = torch.arange(start, min(start + self.batch_size, count))
-                images = self.images[start:start + self.batch_size]
-                labels = self.labels[start:start + self.batch_size]
+        for index in batch_indices(count, self.batch_size, order, self.shard):
+            if order is None:  # contiguous: slicing avoids a gather copy
+                images = self.images[int(index[0]):int(index[-1]) + 1]
+                labels = self.labels[int(index[0]):int(index[-1]) + 1]
             else:
-                index = order[start:start + self.batch_size][self.rank::self.world_size]
                 images, labels = self.images[index], self.labels[index]
             if self.augment:
                 images = random_crop_flip(images, self.generator)
-            images = images.to(self.device, non_blocking=True).float()
-            images = (images * self.scale + self.shift).contiguous(memory_format=self.memory_format)
-            yield images, labels.to(self.device, non_blocking=True), index
+            yield self.normalize(images), labels.to(self.device, non_blocking=True), index

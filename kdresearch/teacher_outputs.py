@@ -25,7 +25,7 @@ from torch import nn
 
 from kdresearch import devices, interrupts
 from kdresearch.checkpoint import load_checkpoint, save_checkpoint
-from kdresearch.data import BatchIterator, ImageData
+from kdresearch.data import Dataset
 from kdresearch.errors import KDResearchError
 from kdresearch.models import ModelOutputs
 from kdresearch.tracking import PROJECT_ROOT, FileLock
@@ -65,7 +65,7 @@ class CachedTeacher:
         })
 
 
-def cache_key(teacher: nn.Module, data: ImageData, precision: str, channels_last: bool) -> str:
+def cache_key(teacher: nn.Module, data: Dataset, precision: str, channels_last: bool) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(teacher.state_dict().items()):
         digest.update(name.encode())
@@ -75,9 +75,9 @@ def cache_key(teacher: nn.Module, data: ImageData, precision: str, channels_last
 
 
 @torch.no_grad()
-def _compute(teacher: nn.Module, fields: tuple[str, ...], data: ImageData, device: torch.device,
+def _compute(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, device: torch.device,
              precision: str, channels_last: bool) -> dict[str, torch.Tensor]:
-    batches = BatchIterator(data.train_images, data.train_labels, data, 256, device, channels_last=channels_last)
+    batches = data.batches("train", 256, device, channels_last=channels_last)
     parts: dict[str, list[torch.Tensor]] = {field: [] for field in fields}
     for images, _, _ in batches:
         interrupts.check()
@@ -110,7 +110,7 @@ def _enforce_size_limit(folder: Path, max_bytes: float) -> None:
         log.info("teacher cache: removed least recently used %s (cache.max_gb)", path.name)
 
 
-def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: ImageData, device: torch.device,
+def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, device: torch.device,
                     precision: str, channels_last: bool, augment: bool, cache_cfg):
     """An `OnlineTeacher` or a `CachedTeacher` (built or read from disk) for this job."""
     if augment or not cache_cfg.enabled:

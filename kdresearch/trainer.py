@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from kdresearch import devices, distributed, interrupts, resume
 from kdresearch.checkpoint import capture_rng, keep_last, restore_rng, save_checkpoint
-from kdresearch.data import BatchIterator, ImageData
+from kdresearch.data import Dataset
 from kdresearch.errors import KDResearchError
 from kdresearch.losses import TrainingLoss
 from kdresearch.models import ModelOutputs, first_layer_norm, parameter_count
@@ -108,7 +108,7 @@ def forward(model: nn.Module, images: torch.Tensor, with_features: bool) -> Mode
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device, precision: str) -> tuple[float, float]:
+def evaluate(model: nn.Module, batches, device: torch.device, precision: str) -> tuple[float, float]:
     """(accuracy in percent, mean cross-entropy) on `batches`."""
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
@@ -200,7 +200,7 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
     device = devices.resolve_device(cfg.device.type)
     world = distributed.init(device.type)
     device = distributed.device_for(world, device)
-    data: ImageData = build(cfg.data, "data")
+    data: Dataset = build(cfg.data, "data")
     data_fingerprint = data.fingerprint()
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if world.is_main else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -232,11 +232,10 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
     optimizer = build(cfg.optimizer, "optimizer", itertools.chain(student.parameters(), loss_fn.parameters()))
 
     data_order = torch.Generator().manual_seed(cfg.seed)
-    train_batches = BatchIterator(data.train_images, data.train_labels, data, cfg.batch_size, device,
-                                  generator=data_order, channels_last=cfg.device.channels_last,
-                                  augment=data.augment, shard=(world.rank, world.size))
-    test_batches = BatchIterator(data.test_images, data.test_labels, data, 256, device,
-                                 channels_last=cfg.device.channels_last)
+    train_batches = data.batches("train", cfg.batch_size, device, generator=data_order,
+                                 channels_last=cfg.device.channels_last, augment=data.augment,
+                                 shard=(world.rank, world.size))
+    test_batches = data.batches("test", 256, device, channels_last=cfg.device.channels_last)
 
     first_epoch = 1
     if resume_point is not None:

@@ -1,0 +1,172 @@
+"""Image datasets too large to hold in memory: files decoded per batch by DataLoader workers.
+
+`data=image_folder` reads `<root>/train/<class>/<image>` and `<root>/test/<class>/<image>` (any
+format PIL opens; the classes are the sorted folder names under train/, every image is resized to
+the tutorial networks' 32x32). Workers decode images to uint8; the main process then shuffles,
+augments and normalises them exactly as it does in-memory data (the same generator draws, the
+same `Normalizer`), so a folder written from an in-memory dataset yields identical batches. The
+teacher-output cache works as for in-memory data: it is indexed by sample and keyed by a content
+hash of every file, computed once per job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from kdresearch.data import Normalizer, batch_indices, check_limit, random_crop_flip
+from kdresearch.errors import KDResearchError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 32  # what DeepNN / LightNN take
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp"}
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files as uint8 (3, 32, 32) tensors, decoded in DataLoader workers."""
+
+    def __init__(self, files: Sequence[Path]):
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+                    image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+                pixels = np.asarray(image).copy()
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise KDResearchError(f"cannot read image {path} ({error})") from None
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # HWC -> CHW
+
+
+def _worker_error_line(error: Exception) -> str:
+    """DataLoader re-raises a worker's exception with the worker's traceback in its message;
+    the user needs its last line, the original message."""
+    last = [line for line in str(error).splitlines() if line.strip()][-1]
+    return last.split("KDResearchError: ", 1)[-1]
+
+
+class StreamingBatches:
+    """Like `data.BatchIterator`, but the images of each batch are read from files by
+    `num_workers` DataLoader processes (0: in this process)."""
+
+    def __init__(self, files: ImageFiles, labels: torch.Tensor, data: "ImageFolderData", batch_size: int,
+                 device: torch.device, generator: Optional[torch.Generator] = None,
+                 channels_last: bool = False, augment: bool = False, shard: tuple[int, int] = (0, 1)):
+        if augment and generator is None:
+            raise ValueError("augmentation draws from the shuffling generator; pass one")
+        self.files, self.labels = files, labels
+        self.batch_size, self.device, self.generator = batch_size, device, generator
+        self.augment, self.shard = augment, shard
+        self.num_workers = data.num_workers
+        self.normalize = Normalizer(data.mean, data.std, device, channels_last)
+
+    def __len__(self) -> int:
+        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        count = len(self.labels)
+        order = torch.randperm(count, generator=self.generator) if self.generator is not None else None
+        batches = list(batch_indices(count, self.batch_size, order, self.shard))
+        loader = torch.utils.data.DataLoader(self.files, batch_sampler=[index.tolist() for index in batches],
+                                             num_workers=self.num_workers,
+                                             pin_memory=self.device.type == "cuda")
+        try:
+            for index, images in zip(batches, loader):
+                if self.augment:
+                    images = random_crop_flip(images, self.generator)
+                yield self.normalize(images), self.labels[index].to(self.device, non_blocking=True), index
+        except KDResearchError as error:
+            raise KDResearchError(_worker_error_line(error)) from None
+
+
+@dataclass
+class ImageFolderData:
+    """An image-classification dataset as files on disk (see the module docstring)."""
+
+    name: str
+    root: Path
+    train_files: list[Path]
+    train_labels: torch.Tensor  # int64, (N,)
+    test_files: list[Path]
+    test_labels: torch.Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool = False
+    num_workers: int = 2
+    _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
+
+    def batches(self, split: str, batch_size: int, device: torch.device,
+                generator: Optional[torch.Generator] = None, channels_last: bool = False,
+                augment: bool = False, shard: tuple[int, int] = (0, 1)) -> StreamingBatches:
+        files, labels = (self.train_files, self.train_labels) if split == "train" else (self.test_files, self.test_labels)
+        return StreamingBatches(ImageFiles(files), labels, self, batch_size, device, generator,
+                                channels_last, augment, shard)
+
+    def fingerprint(self) -> str:
+        """Content hash of every file (with its place and label) and of the preprocessing; it
+        reads the whole dataset once, so it is computed once per job."""
+        if self._fingerprint is None:
+            log.info("hashing the %d files of %s", len(self.train_files) + len(self.test_files), self.root)
+            digest = hashlib.sha256()
+            for files, labels in ((self.train_files, self.train_labels), (self.test_files, self.test_labels)):
+                for path, label in zip(files, labels.tolist()):
+                    digest.update(f"{path.relative_to(self.root)}|{label}|".encode())
+                    digest.update(path.read_bytes())
+            digest.update(repr((self.mean, self.std, self.augment, IMAGE_SIZE)).encode())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+
+def _list_split(folder: Path, classes: Sequence[str]) -> tuple[list[Path], torch.Tensor]:
+    files, labels = [], []
+    known = {name: label for label, name in enumerate(classes)}
+    for class_folder in sorted(path for path in folder.iterdir() if path.is_dir()):
+        if class_folder.name not in known:
+            raise KDResearchError(f"{class_folder} is a class that {folder.parent / 'train'} does not have")
+        found = sorted(path for path in class_folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+        files += found
+        labels += [known[class_folder.name]] * len(found)
+    if not files:
+        raise KDResearchError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}/<class>/")
+    return files, torch.tensor(labels, dtype=torch.int64)
+
+
+def load_image_folder(root: Optional[str] = None, num_workers: int = 2, augment: bool = False,
+                      limit_train: Optional[int] = None, limit_test: Optional[int] = None,
+                      mean: Sequence[float] = (0.485, 0.456, 0.406),
+                      std: Sequence[float] = (0.229, 0.224, 0.225)) -> ImageFolderData:
+    """`<root>/train/<class>/*` and `<root>/test/<class>/*`, read per batch (see the module docstring)."""
+    if not root:
+        raise KDResearchError("data=image_folder needs data.root=PATH (a folder with train/<class>/ and test/<class>/)")
+    folder = Path(root).expanduser()
+    for split in ("train", "test"):
+        if not (folder / split).is_dir():
+            raise KDResearchError(f"data.root={root}: {folder / split} is missing; the layout is "
+                                  f"<root>/train/<class>/<image> and <root>/test/<class>/<image>")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise KDResearchError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise KDResearchError(f"data.mean and data.std need 3 values each, std > 0 (got {mean}, {std})")
+    classes = tuple(sorted(path.name for path in (folder / "train").iterdir() if path.is_dir()))
+    train_files, train_labels = _list_split(folder / "train", classes)
+    test_files, test_labels = _list_split(folder / "test", classes)
+    limit_train = check_limit(limit_train, "limit_train") or len(train_files)
+    limit_test = check_limit(limit_test, "limit_test") or len(test_files)
+    return ImageFolderData("image_folder", folder, train_files[:limit_train], train_labels[:limit_train],
+                           test_files[:limit_test], test_labels[:limit_test], classes,
+                           tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(augment), num_workers)
