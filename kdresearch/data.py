@@ -286,8 +286,9 @@ def batch_indices(count: int, batch_size: int, order: Optional[torch.Tensor],
             yield order[start:start + batch_size][rank::size]
 
 
-class BatchIterator:
-    """Batches of normalised float images on `device`, in a seeded order.
+class Batches:
+    """What every dataset's batches share: a seeded order per pass, data-parallel sharding,
+    augmentation and normalisation. Subclasses say how the images of a batch are fetched.
 
     `generator` (a CPU torch.Generator) shuffles once per pass; its state belongs to the
     training run's checkpoint. None means the stored order (evaluation). With `shard=(rank, size)`
@@ -295,32 +296,46 @@ class BatchIterator:
     sample of each global batch, so `batch_size` stays the global batch size.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, data: ImageData, batch_size: int,
+    def __init__(self, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float], batch_size: int,
                  device: torch.device, generator: Optional[torch.Generator] = None,
                  channels_last: bool = False, augment: bool = False, shard: tuple[int, int] = (0, 1)):
         if augment and generator is None:
             raise ValueError("augmentation draws from the shuffling generator; pass one")
-        self.images, self.labels = images, labels
+        self.labels = labels
+        self.batch_size, self.device, self.generator = batch_size, device, generator
         self.augment = augment
         self.shard = shard  # data-parallel: (this process's rank, number of processes)
-        self.batch_size = batch_size
-        self.device = device
-        self.generator = generator
-        self.normalize = Normalizer(data.mean, data.std, device, channels_last)
+        self.normalize = Normalizer(mean, std, device, channels_last)
 
     def __len__(self) -> int:
         return (len(self.labels) + self.batch_size - 1) // self.batch_size
 
+    def order(self) -> Optional[torch.Tensor]:
+        """This pass's permutation (None: stored order); draws from the generator."""
+        return torch.randperm(len(self.labels), generator=self.generator) if self.generator is not None else None
+
+    def finish(self, images: torch.Tensor, index: torch.Tensor):
+        """(normalised images, labels, index) of one batch of uint8 images."""
+        if self.augment:
+            images = random_crop_flip(images, self.generator)
+        return self.normalize(images), self.labels[index].to(self.device, non_blocking=True), index
+
+
+class BatchIterator(Batches):
+    """Batches of in-memory uint8 images (see Batches)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, data: ImageData, batch_size: int,
+                 device: torch.device, generator: Optional[torch.Generator] = None,
+                 channels_last: bool = False, augment: bool = False, shard: tuple[int, int] = (0, 1)):
+        super().__init__(labels, data.mean, data.std, batch_size, device, generator, channels_last, augment, shard)
+        self.images = images
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yields (images, labels, index): index says which stored samples the batch holds."""
-        count = len(self.labels)
-        order = torch.randperm(count, generator=self.generator) if self.generator is not None else None
-        for index in batch_indices(count, self.batch_size, order, self.shard):
+        order = self.order()
+        for index in batch_indices(len(self.labels), self.batch_size, order, self.shard):
             if order is None:  # contiguous: slicing avoids a gather copy
                 images = self.images[int(index[0]):int(index[-1]) + 1]
-                labels = self.labels[int(index[0]):int(index[-1]) + 1]
             else:
-                images, labels = self.images[index], self.labels[index]
-            if self.augment:
-                images = random_crop_flip(images, self.generator)
-            yield self.normalize(images), labels.to(self.device, non_blocking=True), index
+                images = self.images[index]
+            yield self.finish(images, index)

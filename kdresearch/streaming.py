@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from kdresearch.data import Normalizer, batch_indices, check_limit, random_crop_flip
+from kdresearch.data import Batches, batch_indices, check_limit
 from kdresearch.errors import KDResearchError
 
 log = logging.getLogger(__name__)
@@ -59,36 +59,25 @@ def _worker_error_line(error: Exception) -> str:
     return last.split("KDResearchError: ", 1)[-1]
 
 
-class StreamingBatches:
+class StreamingBatches(Batches):
     """Like `data.BatchIterator`, but the images of each batch are read from files by
     `num_workers` DataLoader processes (0: in this process)."""
 
     def __init__(self, files: ImageFiles, labels: torch.Tensor, data: "ImageFolderData", batch_size: int,
                  device: torch.device, generator: Optional[torch.Generator] = None,
                  channels_last: bool = False, augment: bool = False, shard: tuple[int, int] = (0, 1)):
-        if augment and generator is None:
-            raise ValueError("augmentation draws from the shuffling generator; pass one")
-        self.files, self.labels = files, labels
-        self.batch_size, self.device, self.generator = batch_size, device, generator
-        self.augment, self.shard = augment, shard
+        super().__init__(labels, data.mean, data.std, batch_size, device, generator, channels_last, augment, shard)
+        self.files = files
         self.num_workers = data.num_workers
-        self.normalize = Normalizer(data.mean, data.std, device, channels_last)
-
-    def __len__(self) -> int:
-        return (len(self.labels) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        count = len(self.labels)
-        order = torch.randperm(count, generator=self.generator) if self.generator is not None else None
-        batches = list(batch_indices(count, self.batch_size, order, self.shard))
+        batches = list(batch_indices(len(self.labels), self.batch_size, self.order(), self.shard))
         loader = torch.utils.data.DataLoader(self.files, batch_sampler=[index.tolist() for index in batches],
                                              num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda")
         try:
             for index, images in zip(batches, loader):
-                if self.augment:
-                    images = random_crop_flip(images, self.generator)
-                yield self.normalize(images), self.labels[index].to(self.device, non_blocking=True), index
+                yield self.finish(images, index)
         except KDResearchError as error:
             raise KDResearchError(_worker_error_line(error)) from None
 
