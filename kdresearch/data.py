@@ -87,6 +87,12 @@ def check_limit(limit: Optional[int], what: str) -> Optional[int]:
     return limit
 
 
+def check_normalisation(mean: Sequence[float], std: Sequence[float]) -> None:
+    """`data.mean` / `data.std`: one value per RGB channel, std > 0."""
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise KDResearchError(f"data.mean and data.std need 3 values each, std > 0 (got {mean}, {std})")
+
+
 def _limited(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int], what: str):
     if check_limit(limit, what) is None:
         return images, labels
@@ -94,8 +100,7 @@ def _limited(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int], w
 
 
 def _image_data(name, train, test, classes, limit_train, limit_test, mean, std, augment) -> ImageData:
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise KDResearchError(f"data.mean and data.std need 3 values each, std > 0 (got {mean}, {std})")
+    check_normalisation(mean, std)
     train_images, train_labels = _limited(*train, limit_train, "limit_train")
     test_images, test_labels = _limited(*test, limit_test, "limit_test")
     return ImageData(name, train_images, train_labels, test_images, test_labels, tuple(classes),

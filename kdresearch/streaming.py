@@ -4,7 +4,7 @@
 format PIL opens; the classes are the sorted folder names under train/, every image is resized to
 the tutorial networks' 32x32). Workers decode images to uint8; the main process then shuffles,
 augments and normalises them exactly as it does in-memory data (the same generator draws, the
-same `Normalizer`), so a folder written from an in-memory dataset yields identical batches. The
+same `data.Batches` code), so a folder written from an in-memory dataset yields identical batches. The
 teacher-output cache works as for in-memory data: it is indexed by sample and keyed by a content
 hash of every file, computed once per job.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from kdresearch.data import Batches, batch_indices, check_limit
+from kdresearch.data import Batches, batch_indices, check_limit, check_normalisation
 from kdresearch.errors import KDResearchError
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,7 @@ def load_image_folder(root: Optional[str] = None, num_workers: int = 2, augment:
                                   f"<root>/train/<class>/<image> and <root>/test/<class>/<image>")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise KDResearchError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise KDResearchError(f"data.mean and data.std need 3 values each, std > 0 (got {mean}, {std})")
+    check_normalisation(mean, std)
     classes = tuple(sorted(path.name for path in (folder / "train").iterdir() if path.is_dir()))
     train_files, train_labels = _list_split(folder / "train", classes)
     test_files, test_labels = _list_split(folder / "test", classes)
