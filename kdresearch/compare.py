@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 from kdresearch.errors import KDResearchError
+from kdresearch.identity import training_identity
 from kdresearch.tracking import Tracker, TrackedRun, metric_history
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,6 @@ ARTIFACT_DIR = "comparison"  # where the summary run keeps comparison.md / .csv 
 HISTORY_KEYS = ("test/acc", "train/loss", "first_layer_norm", "epoch_seconds")
 MAX_RUNS = 50_000  # MLflow's cap on one search
 
-# Params that say how or where a job ran, not what it trained: equal configurations may differ in them.
-NOT_IDENTITY = {"seed", "T", "quiet", "resume", "parameter_count", "data.root", "data.download", "data.verify",
-                "teacher.checkpoint", "teacher.run_id"}
-NOT_IDENTITY_PREFIXES = ("tracking.", "checkpoint.", "cache.", "hydra.")
-IDENTITY_DEVICE_KEYS = {"device.precision"}  # the only device switch that changes the trained weights
 INIT_NORM_TOLERANCE = 1e-6
 
 
@@ -106,13 +102,10 @@ def _number(text: Optional[str], kind=float):
 
 
 def _identity(params: Mapping[str, str], tags: Mapping[str, str]) -> tuple:
-    kept = {
-        key: value for key, value in params.items()
-        if key not in NOT_IDENTITY and not key.startswith(NOT_IDENTITY_PREFIXES)
-        and (not key.startswith("device.") or key in IDENTITY_DEVICE_KEYS)
-    }
-    kept["data_fingerprint"] = tags.get("data_fingerprint", "")
-    return tuple(sorted(kept.items()))
+    """The run's training identity (kdresearch.identity) without the seed: equal for the seeds of one setup."""
+    identity = training_identity(params, tags.get("data_fingerprint", ""), with_teacher="teacher_run_id" in tags)
+    identity.pop("seed", None)
+    return tuple(sorted(identity.items()))
 
 
 def read_run(client, run) -> RunRecord:

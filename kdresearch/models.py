@@ -1,61 +1,132 @@
-"""The tutorial's two networks: DeepNN (teacher) and LightNN (student).
+"""The model contract every network follows, and the tutorial's two networks (DeepNN, LightNN).
 
-Layer definitions and `state_dict` keys are exactly the tutorial's, so a checkpoint trained here
-loads into the tutorial's classes and vice versa. Unlike the tutorial, which defines a modified
-copy of each network per feature loss, one class serves every loss: `forward(x, with_features=True)`
-also hands over the flattened conv output (`hidden`, the cosine loss's input) and the last
-feature map (`feature_map`, the regressor loss's input) from the same forward pass.
-The ReLUs work in place (the tutorial's do not): no layer's backward needs a ReLU's input, and
-skipping one fresh activation tensor per ReLU makes a DeepNN training step ~5-10 % faster on CPU.
-Results are the same.
+Contract (`Network`): `model(x)` returns logits; `model(x, with_features=True)` returns
+`ModelOutputs` from the same forward pass: the logits, the pooled penultimate `embedding` (the
+input of the last linear layer), the feature map after every stage (`stages`, post-activation),
+and for the tutorial nets the flattened conv output `hidden` that the cosine loss reads.
+Shape facts are class/instance attributes known before any forward pass, so a loss can size its
+connectors and refuse a bad student/teacher pair before training starts:
+`num_classes`, `embedding_dim`, `stage_channels` and `stage_sizes` (spatial side of each stage's
+map for a 32x32 input). The CIFAR benchmark networks live in `kdresearch.architectures`.
+
+The tutorial nets' layer definitions and `state_dict` keys are exactly the tutorial's, so a
+checkpoint trained here loads into the tutorial's classes and vice versa. Their stages are the two
+conv blocks (each ends with a max-pool). The ReLUs work in place (the tutorial's do not): no
+layer's backward needs a ReLU's input, and skipping one fresh activation tensor per ReLU makes a
+DeepNN training step ~5-10 % faster on CPU. Results are the same.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
 
 class ModelOutputs(NamedTuple):
-    logits: Optional[torch.Tensor] = None  # (N, num_classes); None only in cached teacher outputs
-    hidden: Optional[torch.Tensor] = None  # flattened conv output, (N, hidden_dim)
-    feature_map: Optional[torch.Tensor] = None  # last conv block's output, (N, C, H, W)
+    """What a forward pass with `with_features=True` hands to a loss. In cached teacher outputs only
+    the fields the loss asked for are present (the others are None, unneeded stages too)."""
+
+    logits: Optional[torch.Tensor] = None  # (N, num_classes)
+    embedding: Optional[torch.Tensor] = None  # (N, embedding_dim): input of the last linear layer
+    stages: Optional[tuple[Optional[torch.Tensor], ...]] = None  # per stage (N, C_i, H_i, W_i)
+    hidden: Optional[torch.Tensor] = None  # the last stage flattened (N, hidden_dim); for the tutorial
+    # nets this is their flattened conv output, the cosine loss's input
+
+    @property
+    def feature_map(self) -> Optional[torch.Tensor]:
+        """The last stage's map (the tutorial regressor's input)."""
+        return self.stages[-1] if self.stages else None
 
 
-class _ConvClassifier(nn.Module):
+# Field names a loss may ask of the teacher: "logits", "embedding", "hidden" or "stage<i>"
+# (i counts from 0; negative counts from the last stage, e.g. "stage-1").
+def stage_field(index: int) -> str:
+    return f"stage{index}"
+
+
+def select_fields(outputs: ModelOutputs, fields: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The named fields of `outputs` as a flat dict (what the teacher-output cache stores)."""
+    selected = {}
+    for field in fields:
+        if field.startswith("stage"):
+            selected[field] = outputs.stages[int(field[len("stage"):])]
+        else:
+            selected[field] = getattr(outputs, field)
+    return selected
+
+
+def assemble_outputs(fields: dict[str, torch.Tensor], num_stages: int) -> ModelOutputs:
+    """Inverse of `select_fields`: a ModelOutputs holding just these fields (others None)."""
+    stages: list[Optional[torch.Tensor]] = [None] * num_stages
+    plain = {}
+    for field, value in fields.items():
+        if field.startswith("stage"):
+            stages[int(field[len("stage"):])] = value
+        else:
+            plain[field] = value
+    return ModelOutputs(stages=tuple(stages), **plain)
+
+
+class Network(nn.Module):
+    """Base of every model: subclasses set the shape facts and implement `outputs(x)`."""
+
+    num_classes: int
+    embedding_dim: int
+    stage_channels: tuple[int, ...]
+    stage_sizes: tuple[int, ...]  # for 32x32 inputs
+
+    def outputs(self, x: torch.Tensor) -> ModelOutputs:
+        raise NotImplementedError
+
+    @property
+    def hidden_dim(self) -> int:
+        """Size of the flattened last stage (the cosine loss's `hidden`)."""
+        return self.stage_channels[-1] * self.stage_sizes[-1] ** 2
+
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        out = self.outputs(x)
+        if not with_features:
+            return out.logits
+        if out.hidden is None:  # a view, free: every model offers the cosine loss its input
+            out = out._replace(hidden=torch.flatten(out.stages[-1], 1))
+        return out
+
+    def describe(self) -> str:
+        """One-line shape summary for error messages, e.g. 'resnet8x4 (stages 64x32x32, 128x16x16, ...)'."""
+        stages = ", ".join(f"{c}x{s}x{s}" for c, s in zip(self.stage_channels, self.stage_sizes))
+        name = getattr(self, "arch", type(self).__name__)
+        return f"{name} (stages {stages}; embedding {self.embedding_dim}; {self.num_classes} classes)"
+
+
+class _ConvClassifier(Network):
     """Shared forward of both tutorial networks: `features` -> flatten -> `classifier`."""
-
-    # Shape facts the feature losses check before training starts (set by subclasses).
-    hidden_dim: int
-    feature_channels: int
-    feature_size: int
 
     features: nn.Sequential
     classifier: nn.Sequential
 
-    def forward(self, x: torch.Tensor, with_features: bool = False):
-        feature_map = self.features(x)
-        hidden = torch.flatten(feature_map, 1)
-        logits = self.classifier(hidden)
-        if with_features:
-            return ModelOutputs(logits, hidden, feature_map)
-        return logits
-
-    def first_layer(self) -> nn.Conv2d:
-        return self.features[0]
+    def outputs(self, x):
+        stages = []
+        for layer in self.features:
+            x = layer(x)
+            if isinstance(layer, nn.MaxPool2d):  # each conv block ends with a max-pool
+                stages.append(x)
+        hidden = torch.flatten(x, 1)
+        embedding = self.classifier[:-1](hidden)
+        return ModelOutputs(self.classifier[-1](embedding), embedding, tuple(stages), hidden)
 
 
 class DeepNN(_ConvClassifier):
     """The tutorial's teacher: 4 conv layers, 1,186,986 parameters for 10 classes."""
 
-    hidden_dim = 2048
-    feature_channels = 32
-    feature_size = 8
+    embedding_dim = 512
+    stage_channels = (64, 32)
+    stage_sizes = (16, 8)
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
+        self.num_classes = num_classes
         self.features = nn.Sequential(
             nn.Conv2d(3, 128, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
@@ -79,12 +150,13 @@ class DeepNN(_ConvClassifier):
 class LightNN(_ConvClassifier):
     """The tutorial's student: 2 conv layers, 267,738 parameters for 10 classes."""
 
-    hidden_dim = 1024
-    feature_channels = 16
-    feature_size = 8
+    embedding_dim = 256
+    stage_channels = (16, 16)
+    stage_sizes = (16, 8)
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
+        self.num_classes = num_classes
         self.features = nn.Sequential(
             nn.Conv2d(3, 16, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
@@ -101,9 +173,14 @@ class LightNN(_ConvClassifier):
         )
 
 
+def first_layer(model: nn.Module) -> nn.Conv2d:
+    """The first convolution in definition order: every model here starts with one."""
+    return next(module for module in model.modules() if isinstance(module, nn.Conv2d))
+
+
 def first_layer_norm(model: nn.Module) -> float:
     """Norm of the first conv's weight: the tutorial's check that two students start identical."""
-    return torch.linalg.vector_norm(model.first_layer().weight.detach()).item()
+    return torch.linalg.vector_norm(first_layer(model).weight.detach()).item()
 
 
 def parameter_count(model: nn.Module) -> int:

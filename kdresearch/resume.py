@@ -11,11 +11,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from kdresearch.checkpoint import load_checkpoint
 from kdresearch.errors import KDResearchError
-from kdresearch.tracking import flatten
+from kdresearch.identity import differences
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +63,11 @@ def _folder_of_run(run_id: str, tracker) -> Path:
     return Path(folder)
 
 
-def check_same_job(checkpoint: dict, resolved: dict) -> None:
-    """Refuse to continue a run with other settings: its metrics would mix two experiments."""
-    before = flatten(OmegaConf.to_container(OmegaConf.create(checkpoint["config"])))
-    now = flatten(resolved)
-    differing = sorted(
-        key for key in before.keys() | now.keys()
-        if key.split(".")[0] not in FREE_KEYS and before.get(key) != now.get(key)
-    )
+def check_same_job(checkpoint: dict, identity: dict) -> None:
+    """Refuse to continue a run with other training settings (kdresearch.identity): its metrics
+    would mix two experiments. Where or how it runs (tracking, device switches, paths) may change."""
+    before = checkpoint.get("identity", {})
+    differing = differences(before, identity)
     if differing:
-        shown = ", ".join(f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in differing[:5])
+        shown = ", ".join(f"{key}: {before.get(key)!r} -> {identity.get(key)!r}" for key in differing[:5])
         raise KDResearchError(f"resume: give the interrupted job's overrides again; these differ: {shown}")

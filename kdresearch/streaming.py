@@ -1,12 +1,12 @@
 """Image datasets too large to hold in memory: files decoded per batch by DataLoader workers.
 
 `data=image_folder` reads `<root>/train/<class>/<image>` and `<root>/test/<class>/<image>` (any
-format PIL opens; the classes are the sorted folder names under train/, every image is resized to
-the tutorial networks' 32x32). Workers decode images to uint8; the main process then shuffles,
-augments and normalises them exactly as it does in-memory data (the same generator draws, the
-same `data.Batches` code), so a folder written from an in-memory dataset yields identical batches. The
-teacher-output cache works as for in-memory data: it is indexed by sample and keyed by a content
-hash of every file, computed once per job.
+format PIL opens; the classes are the sorted folder names under train/, as many as
+`data.num_classes` says; every image is resized to the tutorial networks' 32x32). Workers decode
+images to uint8; the main process then shuffles, augments and normalises them exactly as it does
+in-memory data (the same generator draws, the same `data.Batches` code), so a folder written from
+an in-memory dataset yields identical batches. The teacher-output cache works as for in-memory
+data: it is indexed by sample and keyed by a content hash of every file, computed once per job.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from kdresearch.data import Batches, batch_indices, check_limit, check_normalisation
+from kdresearch.data import (Batches, batch_indices, check_class_count, check_limit, check_normalisation,
+                             check_num_classes)
 from kdresearch.errors import KDResearchError
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,11 @@ class ImageFolderData:
     num_workers: int = 2
     _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
+    @property
+    def num_classes(self) -> int:
+        """How many classes the labels index: the number of class folders."""
+        return len(self.classes)
+
     def batches(self, split: str, batch_size: int, device: torch.device,
                 generator: Optional[torch.Generator] = None, channels_last: bool = False,
                 augment: bool = False, shard: tuple[int, int] = (0, 1)) -> StreamingBatches:
@@ -135,11 +141,12 @@ def _list_split(folder: Path, classes: Sequence[str]) -> tuple[list[Path], torch
     return files, torch.tensor(labels, dtype=torch.int64)
 
 
-def load_image_folder(root: Optional[str] = None, num_workers: int = 2, augment: bool = False,
-                      limit_train: Optional[int] = None, limit_test: Optional[int] = None,
+def load_image_folder(root: Optional[str] = None, num_classes: int = 10, num_workers: int = 2,
+                      augment: bool = False, limit_train: Optional[int] = None, limit_test: Optional[int] = None,
                       mean: Sequence[float] = (0.485, 0.456, 0.406),
                       std: Sequence[float] = (0.229, 0.224, 0.225)) -> ImageFolderData:
-    """`<root>/train/<class>/*` and `<root>/test/<class>/*`, read per batch (see the module docstring)."""
+    """`<root>/train/<class>/*` and `<root>/test/<class>/*`, read per batch (see the module docstring);
+    train/ must hold `num_classes` class folders."""
     if not root:
         raise KDResearchError("data=image_folder needs data.root=PATH (a folder with train/<class>/ and test/<class>/)")
     folder = Path(root).expanduser()
@@ -150,7 +157,9 @@ def load_image_folder(root: Optional[str] = None, num_workers: int = 2, augment:
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise KDResearchError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
     check_normalisation(mean, std)
+    check_num_classes(num_classes)
     classes = tuple(sorted(path.name for path in (folder / "train").iterdir() if path.is_dir()))
+    check_class_count(len(classes), num_classes, f"{folder / 'train'} has {len(classes)} class folders")
     train_files, train_labels = _list_split(folder / "train", classes)
     test_files, test_labels = _list_split(folder / "test", classes)
     limit_train = check_limit(limit_train, "limit_train") or len(train_files)

@@ -1,17 +1,17 @@
 """Where a distillation run's teacher comes from: a file, an MLflow run, or a matching earlier run.
 
-The automatic choice looks for the newest finished run whose *training identity* equals the
-teacher job this student would need (`training_config_hash`: model, loss, optimizer, seed,
-epochs, batch size, precision and the data's content hash). A teacher trained with
-`python train.py model=deep` therefore serves every later student with the same settings; when
-none exists, one is trained first as its own MLflow run. A file lock makes parallel students of
-one sweep train it once.
+The automatic choice looks for the newest finished run whose *training identity*
+(`kdresearch.identity`) equals the teacher job this student would need: the teacher model with
+cross-entropy, trained with the teacher's own recipe (`teacher.optimizer`, `.scheduler`,
+`.epochs`, `.batch_size`, `.augment`) on the student's data, seed and precision. A teacher trained
+with `python train.py model=deep` (the tutorial recipe) therefore serves every later student of
+the tutorial setup, whatever the student's own optimizer, schedule or epochs; when none exists,
+one is trained first as its own MLflow run. A file lock makes parallel students of one sweep
+train it once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -22,6 +22,7 @@ from torch import nn
 
 from kdresearch.checkpoint import load_checkpoint, model_state
 from kdresearch.errors import KDResearchError
+from kdresearch.identity import config_identity, identity_hash
 from kdresearch.tracking import FileLock
 
 log = logging.getLogger(__name__)
@@ -31,21 +32,23 @@ FINAL_CHECKPOINT = "checkpoints/final.pt"  # artifact path of every run's final 
 
 
 def training_config_hash(cfg: DictConfig, data_fingerprint: str) -> str:
-    """What determines a trained model's weights (device aside); equal hashes mean reusable runs."""
-    identity = {
-        key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "loss", "optimizer")
-    }
-    identity.update(seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                    precision=cfg.device.precision, data=data_fingerprint)
-    identity["model"].pop("name", None)
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    """The hash of a job's training identity (kdresearch.identity); equal hashes mean reusable runs."""
+    return identity_hash(config_identity(cfg, data_fingerprint))
 
 
 def teacher_job_config(cfg: DictConfig) -> DictConfig:
-    """The job that trains this student's teacher: same settings, teacher model, cross-entropy."""
+    """The job that trains this student's teacher: the teacher model with cross-entropy and the
+    teacher's own recipe (`teacher.optimizer`, `.scheduler`, `.epochs`, `.batch_size`, `.augment`);
+    seed, data and device settings are the student's."""
     job = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    job.model = job.teacher.model
+    recipe = job.teacher
+    job.model = recipe.model
     job.loss = OmegaConf.load(CONF_DIR / "loss" / "ce.yaml")
+    job.optimizer = recipe.optimizer
+    job.scheduler = recipe.scheduler
+    job.epochs = recipe.epochs
+    job.batch_size = recipe.batch_size
+    job.data.augment = recipe.augment
     job.teacher.checkpoint = None
     job.teacher.run_id = None
     return job

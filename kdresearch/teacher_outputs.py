@@ -27,7 +27,7 @@ from kdresearch import devices, interrupts
 from kdresearch.checkpoint import load_checkpoint, save_checkpoint
 from kdresearch.data import Dataset
 from kdresearch.errors import KDResearchError
-from kdresearch.models import ModelOutputs
+from kdresearch.models import ModelOutputs, assemble_outputs, select_fields
 from kdresearch.tracking import PROJECT_ROOT, FileLock
 
 log = logging.getLogger(__name__)
@@ -55,14 +55,28 @@ class CachedTeacher:
 
     used_cache = True
 
-    def __init__(self, outputs: dict[str, torch.Tensor], device: torch.device):
+    def __init__(self, outputs: dict[str, torch.Tensor], device: torch.device, num_stages: int):
         self.outputs = outputs
         self.device = device
+        self.num_stages = num_stages
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ModelOutputs:
-        return ModelOutputs(**{
+        return assemble_outputs({
             field: values[index].to(self.device, non_blocking=True) for field, values in self.outputs.items()
-        })
+        }, self.num_stages)
+
+
+def cache_entry_bytes(teacher: nn.Module, fields: tuple[str, ...], train_size: int, precision: str) -> int:
+    """Size of the cached outputs, from the teacher's shape facts (known before computing them)."""
+    per_sample = 0
+    for field in fields:
+        if field.startswith("stage"):
+            index = int(field[len("stage"):])
+            per_sample += teacher.stage_channels[index] * teacher.stage_sizes[index] ** 2
+        else:
+            per_sample += {"logits": teacher.num_classes, "embedding": teacher.embedding_dim,
+                           "hidden": teacher.hidden_dim}[field]
+    return per_sample * train_size * (2 if precision == "bf16" else 4)
 
 
 def cache_key(teacher: nn.Module, data: Dataset, precision: str, channels_last: bool) -> str:
@@ -83,9 +97,9 @@ def _compute(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, device:
         interrupts.check()
         with devices.autocast(device, precision):
             out = teacher(images, with_features=True)
-        for field in fields:
+        for field, value in select_fields(out, fields).items():
             # Stored as computed (bf16 stays bf16), contiguous NCHW for compact, fast indexing.
-            parts[field].append(getattr(out, field).contiguous().cpu())
+            parts[field].append(value.contiguous().cpu())
     return {field: torch.cat(values) for field, values in parts.items()}
 
 
@@ -113,8 +127,16 @@ def _enforce_size_limit(folder: Path, max_bytes: float) -> None:
 def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, device: torch.device,
                     precision: str, channels_last: bool, augment: bool, cache_cfg):
     """An `OnlineTeacher` or a `CachedTeacher` (built or read from disk) for this job."""
-    if augment or not cache_cfg.enabled:
-        reason = "data.augment is on" if augment else "cache.enabled=false"
+    reason = None
+    if augment:
+        reason = "data.augment is on"
+    elif not cache_cfg.enabled:
+        reason = "cache.enabled=false"
+    else:
+        size_gb = cache_entry_bytes(teacher, fields, data.train_size, precision) / 1e9
+        if size_gb > cache_cfg.max_gb:
+            reason = f"the outputs would take {size_gb:.1f} GB, over cache.max_gb={cache_cfg.max_gb:g}"
+    if reason:
         log.info("teacher outputs: computed online (%s)", reason)
         return OnlineTeacher(teacher, device, precision)
     folder = Path(cache_cfg.dir).expanduser() if cache_cfg.dir else DEFAULT_CACHE_DIR
@@ -138,7 +160,7 @@ def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, 
                 log.info("teacher outputs: cached, built and saved to %s (%.2f GB)", path, size_gb)
             except KDResearchError as error:  # a full disk costs speed, never the run
                 log.warning("teacher cache: could not save (%s); using it in memory only", error)
-    return CachedTeacher(outputs, device)
+    return CachedTeacher(outputs, device, len(teacher.stage_channels))
 
 
 def clear_cache(folder: Optional[Path] = None) -> int:

@@ -28,9 +28,10 @@ from kdresearch import devices, distributed, interrupts, resume
 from kdresearch.checkpoint import capture_rng, keep_last, restore_rng, save_checkpoint
 from kdresearch.data import Dataset
 from kdresearch.errors import KDResearchError
-from kdresearch.losses import TrainingLoss
+from kdresearch.identity import config_identity, identity_hash
+from kdresearch.losses.base import Progress, TrainingLoss
 from kdresearch.models import ModelOutputs, first_layer_norm, parameter_count
-from kdresearch.teacher import FINAL_CHECKPOINT, obtain_teacher, training_config_hash
+from kdresearch.teacher import FINAL_CHECKPOINT, obtain_teacher
 from kdresearch.teacher_outputs import teacher_outputs as build_teacher_outputs
 from kdresearch.tracking import NullRun, Tracker, flatten
 
@@ -136,10 +137,11 @@ def train_one_epoch(student, loss_fn, loss_call, teacher_outputs, optimizer, bat
                disable=cfg.quiet, leave=False, dynamic_ncols=True)
     for step, (images, labels, index) in enumerate(bar, start=1):
         interrupts.check()
+        progress = Progress(epoch, step, cfg.epochs, len(batches), index)
         with devices.autocast(device, cfg.device.precision):
             student_out = forward(student, images, loss_fn.student_features)
             teacher_out = teacher_outputs(images, index) if teacher_outputs else None
-            total, parts = loss_call(student_out, teacher_out, labels)
+            total, parts = loss_call(student_out, teacher_out, labels, progress)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -156,177 +158,234 @@ def train_one_epoch(student, loss_fn, loss_call, teacher_outputs, optimizer, bat
     return {key: value_sum / len(batches) for key, value_sum in sums.items()}
 
 
-def setup_teacher(cfg, world, student, loss_fn, data, tracker, output_dir, device, pinned_run_id):
-    """(teacher outputs provider, teacher run id) for a teacher-based loss.
+class Job:
+    """One training job as named steps: `build` (data, models, loss, teacher, optimizer),
+    `restore` (from a resume point), `start_run` (MLflow), `train` (epochs, checkpoints, metrics),
+    `finish` (final checkpoint). `run_job` calls them in that order.
+    Under torchrun every rank runs the job; rank 0 alone tracks, checkpoints and evaluates."""
 
-    Rank 0 finds or trains the teacher; when it must train one, every rank joins that job (the
-    teacher trains data-parallel too) and rank 0's weights are then broadcast to all.
-    """
-    with torch.random.fork_rng(devices=[]):  # the student's RNG stream stays untouched
-        teacher = build(cfg.teacher.model, "teacher.model")
-        loss_fn.check_models(student, teacher)
+    def __init__(self, cfg: DictConfig, output_dir: Path):
+        check_config(cfg)
+        self.cfg = cfg
+        self.output_dir = output_dir
+        devices.set_deterministic(cfg.device.deterministic)
+        devices.keep_freed_memory(cfg.device.keep_freed_memory)
+        device = devices.resolve_device(cfg.device.type)
+        self.world = distributed.init(device.type)
+        self.device = distributed.device_for(self.world, device)
+        self.memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
+        self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if self.world.is_main else None
+        self.resume_point: Optional[resume.ResumePoint] = None
+        self.teacher_outputs = None
+        self.teacher_run_id: Optional[str] = None
 
-        def train_teacher(job: DictConfig, folder: Path) -> str:
-            distributed.broadcast_object(world, ("train", OmegaConf.to_container(job)))
-            return run_job(job, folder, ("(teacher trained automatically)",)).run_id
+    # --- build ----------------------------------------------------------------------------------
 
-        if world.is_main:
-            teacher_run_id = obtain_teacher(cfg, teacher, data.fingerprint(), tracker, output_dir,
-                                            train=train_teacher, pinned_run_id=pinned_run_id)
-            distributed.broadcast_object(world, ("done", teacher_run_id))
+    def build(self) -> None:
+        cfg, world = self.cfg, self.world
+        self.data: Dataset = build(cfg.data, "data")
+        self.data_fingerprint = self.data.fingerprint()
+        # The student is built right after seeding, so every run of one seed starts from the same
+        # weights (the tutorial's first_layer_norm check); the teacher never touches this RNG
+        # stream, and what the loss sizes from the pair (bind) is drawn right after the student.
+        seed_everything(cfg.seed)
+        self.student: nn.Module = build(cfg.model, "model")
+        self.loss_fn: TrainingLoss = build(cfg.loss, "loss")
+        self.identity = config_identity(cfg, self.data_fingerprint)
+        if cfg.resume:
+            self.locate_resume_point()
+        train_size = self.data.train_size
+        if self.loss_fn.needs_teacher:
+            with torch.random.fork_rng(devices=[]):
+                teacher = build(cfg.teacher.model, "teacher.model")
+            self.loss_fn.bind(self.student, teacher, train_size=train_size)
+            self.setup_teacher(teacher)
         else:
-            while True:
-                command, payload = distributed.broadcast_object(world)
-                if command == "done":
-                    teacher_run_id = payload
-                    break
-                run_job(OmegaConf.create(payload), output_dir / "teacher")
-        distributed.broadcast_module(world, teacher)
-        memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
-        teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
-        outputs = build_teacher_outputs(teacher, loss_fn.teacher_fields, data, device, cfg.device.precision,
-                                        cfg.device.channels_last, data.augment, cfg.cache)
-    return outputs, teacher_run_id
+            self.loss_fn.bind(self.student, None, train_size=train_size)
+        self.init_norm = first_layer_norm(self.student)
+        self.student.to(self.device, memory_format=self.memory_format)
+        self.loss_fn.to(self.device)
+        self.optimizer = build(cfg.optimizer, "optimizer",
+                               itertools.chain(self.student.parameters(), self.loss_fn.parameters()))
+        self.scheduler = build(cfg.scheduler, "scheduler", self.optimizer, cfg.epochs)
+        self.data_order = torch.Generator().manual_seed(cfg.seed)
+        self.train_batches = self.data.batches("train", cfg.batch_size, self.device, generator=self.data_order,
+                                               channels_last=cfg.device.channels_last, augment=self.data.augment,
+                                               shard=(world.rank, world.size))
+        self.test_batches = self.data.batches("test", 256, self.device, channels_last=cfg.device.channels_last)
 
-
-def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
-            sweep: Optional[str] = None) -> JobResult:
-    """Train one job as one MLflow run; `overrides` are the command-line overrides to record and
-    `sweep` names the multirun the job belongs to (tag `sweep`, for filtering in compare.py and the UI).
-    Under torchrun every rank calls this; rank 0 alone tracks, checkpoints and evaluates."""
-    check_config(cfg)
-    devices.set_deterministic(cfg.device.deterministic)
-    devices.keep_freed_memory(cfg.device.keep_freed_memory)
-    device = devices.resolve_device(cfg.device.type)
-    world = distributed.init(device.type)
-    device = distributed.device_for(world, device)
-    data: Dataset = build(cfg.data, "data")
-    data_fingerprint = data.fingerprint()
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if world.is_main else None
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resume_point = None
-    if cfg.resume:
+    def locate_resume_point(self) -> None:
         # Rank 0 may need MLflow to find the job folder; the others follow its answer.
-        resume_point = resume.locate(str(cfg.resume), tracker) if world.is_main else None
-        folder = distributed.broadcast_object(world, str(resume_point.output_dir) if resume_point else None)
-        resume_point = resume_point or resume.locate(folder, tracker)
-        resume.check_same_job(resume_point.checkpoint, resolved)
-        output_dir = resume_point.output_dir
-    memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
+        world = self.world
+        point = resume.locate(str(self.cfg.resume), self.tracker) if world.is_main else None
+        folder = distributed.broadcast_object(world, str(point.output_dir) if point else None)
+        point = point or resume.locate(folder, self.tracker)
+        resume.check_same_job(point.checkpoint, self.identity)
+        self.resume_point = point
+        self.output_dir = point.output_dir
 
-    # The student is built right after seeding, so every run of one seed starts from the same
-    # weights (the tutorial's first_layer_norm check); the teacher never touches this RNG stream.
-    seed_everything(cfg.seed)
-    student: nn.Module = build(cfg.model, "model")
-    loss_fn: TrainingLoss = build(cfg.loss, "loss")
-    teacher_outputs, teacher_run_id = None, None
-    if loss_fn.needs_teacher:
-        teacher_outputs, teacher_run_id = setup_teacher(
-            cfg, world, student, loss_fn, data, tracker, output_dir, device,
-            pinned_run_id=resume_point.checkpoint.get("teacher_run_id") if resume_point else None)
-    else:
-        loss_fn.check_models(student, None)
-    init_norm = first_layer_norm(student)
-    student.to(device, memory_format=memory_format)
-    loss_fn.to(device)
-    optimizer = build(cfg.optimizer, "optimizer", itertools.chain(student.parameters(), loss_fn.parameters()))
+    def setup_teacher(self, teacher: nn.Module) -> None:
+        """Fill `teacher` with trained weights and prepare its outputs (cached or online).
 
-    data_order = torch.Generator().manual_seed(cfg.seed)
-    train_batches = data.batches("train", cfg.batch_size, device, generator=data_order,
-                                 channels_last=cfg.device.channels_last, augment=data.augment,
-                                 shard=(world.rank, world.size))
-    test_batches = data.batches("test", 256, device, channels_last=cfg.device.channels_last)
+        Rank 0 finds or trains the teacher; when it must train one, every rank joins that job (the
+        teacher trains data-parallel too) and rank 0's weights are then broadcast to all.
+        """
+        cfg, world = self.cfg, self.world
+        pinned = self.resume_point.checkpoint.get("teacher_run_id") if self.resume_point else None
+        with torch.random.fork_rng(devices=[]):  # the student's RNG stream stays untouched
 
-    first_epoch = 1
-    if resume_point is not None:
-        checkpoint = resume_point.checkpoint
-        student.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        loss_fn.load_state_dict(checkpoint["loss"])
-        restore_rng(checkpoint["rng"], {"data_order": data_order})
-        first_epoch = checkpoint["epoch"] + 1
-    trained = distributed.wrap(world, student, device)
-    trained = torch.compile(trained) if cfg.device.compile else trained
-    loss_call = distributed.wrap(world, loss_fn, device)
+            def train_teacher(job: DictConfig, folder: Path) -> str:
+                distributed.broadcast_object(world, ("train", OmegaConf.to_container(job)))
+                return run_job(job, folder, ("(teacher trained automatically)",)).run_id
 
-    if not world.is_main:
-        tracked = NullRun()
-    elif resume_point is not None:
-        tracked = tracker.resume_run(resume_point.run_id)
-    else:
+            if world.is_main:
+                run_id = obtain_teacher(cfg, teacher, self.data_fingerprint, self.tracker, self.output_dir,
+                                        train=train_teacher, pinned_run_id=pinned)
+                distributed.broadcast_object(world, ("done", run_id))
+            else:
+                while True:
+                    command, payload = distributed.broadcast_object(world)
+                    if command == "done":
+                        run_id = payload
+                        break
+                    run_job(OmegaConf.create(payload), self.output_dir / "teacher")
+            distributed.broadcast_module(world, teacher)
+            teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
+            self.teacher_outputs = build_teacher_outputs(
+                teacher, self.loss_fn.teacher_fields, self.data, self.device, cfg.device.precision,
+                cfg.device.channels_last, self.data.augment, cfg.cache)
+        self.teacher_run_id = run_id
+
+    # --- restore --------------------------------------------------------------------------------
+
+    def restore(self) -> int:
+        """Load the resume point's state; returns the first epoch still to train."""
+        if self.resume_point is None:
+            return 1
+        checkpoint = self.resume_point.checkpoint
+        self.student.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.loss_fn.load_state_dict(checkpoint["loss"])
+        restore_rng(checkpoint["rng"], {"data_order": self.data_order})
+        return checkpoint["epoch"] + 1
+
+    # --- tracking -------------------------------------------------------------------------------
+
+    def start_run(self, overrides: tuple[str, ...], sweep: Optional[str]):
+        cfg, world = self.cfg, self.world
+        if not world.is_main:
+            return NullRun()
+        if self.resume_point is not None:
+            return self.tracker.resume_run(self.resume_point.run_id)
         is_teacher = cfg.loss.name == "ce" and cfg.model.name == cfg.teacher.model.name
         tags = {
             "role": "teacher" if is_teacher else "student",
             "model": cfg.model.name,
             "loss": cfg.loss.name,
-            "config_hash": training_config_hash(cfg, data_fingerprint),
-            "data_fingerprint": data_fingerprint,
-            "device": str(device) if not world.active else f"{device.type} x{world.size} (DDP)",
-            "output_dir": str(output_dir.resolve()),
+            "config_hash": identity_hash(self.identity),
+            "data_fingerprint": self.data_fingerprint,
+            "device": str(self.device) if not world.active else f"{self.device.type} x{world.size} (DDP)",
+            "output_dir": str(self.output_dir.resolve()),
             "overrides": " ".join(overrides),
         }
-        if teacher_run_id:
-            tags["teacher_run_id"] = teacher_run_id
+        if self.teacher_run_id:
+            tags["teacher_run_id"] = self.teacher_run_id
         if sweep:
             tags["sweep"] = sweep
-        params = flatten({k: v for k, v in resolved.items() if k not in resume.FREE_KEYS})
-        params["parameter_count"] = parameter_count(student)
-        tracked = tracker.start_run(run_name(cfg), tags, params)
+        params = flatten({k: v for k, v in self.resolved.items() if k not in resume.FREE_KEYS})
+        params["parameter_count"] = parameter_count(self.student)
+        return self.tracker.start_run(run_name(cfg), tags, params)
 
-    checkpoint_dir = output_dir / "checkpoints"
-    with tracked:
-        if world.is_main:
-            log.info("MLflow run %s (%s) in %s, experiment %s", tracked.run_id, run_name(cfg), tracker.uri,
-                     cfg.tracking.experiment)
-        if resume_point is None:
-            tracked.log_text(OmegaConf.to_yaml(resolved), "config/config.yaml")
-            tracked.log_metrics({"first_layer_norm": init_norm}, step=0)
-            log.info("%s: %d parameters, first_layer_norm at init %.4f, device %s",
-                     type(student).__name__, parameter_count(student), init_norm, device)
+    def log_start(self, tracked, first_epoch: int) -> None:
+        if not self.world.is_main:
+            return
+        log.info("MLflow run %s (%s) in %s, experiment %s", tracked.run_id, run_name(self.cfg), self.tracker.uri,
+                 self.cfg.tracking.experiment)
+        if self.resume_point is None:
+            tracked.log_text(OmegaConf.to_yaml(self.resolved), "config/config.yaml")
+            tracked.log_metrics({"first_layer_norm": self.init_norm}, step=0)
+            log.info("%s: %d parameters, first_layer_norm at init %.4f, device %s", type(self.student).__name__,
+                     parameter_count(self.student), self.init_norm, self.device)
         else:
-            tracked.log_metrics_once(resume_point.checkpoint["metrics"], step=first_epoch - 1)
-        state = resume_point.checkpoint if resume_point else None
+            tracked.log_metrics_once(self.resume_point.checkpoint["metrics"], step=first_epoch - 1)
+
+    # --- train ----------------------------------------------------------------------------------
+
+    def train(self, tracked, first_epoch: int) -> Optional[dict]:
+        """Train the remaining epochs; returns the last checkpoint state (rank 0)."""
+        cfg, world = self.cfg, self.world
+        trained = distributed.wrap(world, self.student, self.device)
+        trained = torch.compile(trained) if cfg.device.compile else trained
+        loss_call = distributed.wrap(world, self.loss_fn, self.device)
+        checkpoint_dir = self.output_dir / "checkpoints"
+        state = self.resume_point.checkpoint if self.resume_point else None
         for epoch in range(first_epoch, cfg.epochs + 1):
             started = time.perf_counter()
-            metrics = train_one_epoch(trained, loss_fn, loss_call, teacher_outputs, optimizer,
-                                      train_batches, epoch, cfg, device)
+            lr = self.optimizer.param_groups[0]["lr"]  # the lr this epoch trains with
+            metrics = train_one_epoch(trained, self.loss_fn, loss_call, self.teacher_outputs, self.optimizer,
+                                      self.train_batches, epoch, cfg, self.device)
+            self.scheduler.step()
             metrics = distributed.average(world, metrics)
             epoch_seconds = time.perf_counter() - started
             if not world.is_main:
                 continue
-            test_acc, test_loss = evaluate(student, test_batches, device, cfg.device.precision)
+            test_acc, test_loss = evaluate(self.student, self.test_batches, self.device, cfg.device.precision)
             if not math.isfinite(test_loss):  # finite training losses can still hide inf weights
                 raise KDResearchError(
                     f"training diverged: test/loss is {test_loss} after epoch {epoch}; try a lower optimizer.lr"
                 )
             metrics.update({
-                "test/acc": test_acc, "test/loss": test_loss,
-                "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": epoch_seconds,
-                "first_layer_norm": first_layer_norm(student),
+                "test/acc": test_acc, "test/loss": test_loss, "lr": lr, "epoch_seconds": epoch_seconds,
+                "first_layer_norm": first_layer_norm(self.student),
             })
             # The checkpoint (holding this epoch's metrics) goes first: a kill between the two
             # writes is repaired on resume by log_metrics_once.
-            state = {
-                "format": 1, "model_class": type(student).__name__, "run_id": tracked.run_id,
-                "teacher_run_id": teacher_run_id, "epoch": epoch,
-                "model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                "loss": loss_fn.state_dict(), "rng": capture_rng({"data_order": data_order}),
-                "config": OmegaConf.to_yaml(resolved), "metrics": metrics,
-            }
+            state = self.checkpoint_state(tracked.run_id, epoch, metrics)
             interrupts.check()
             save_checkpoint(state, checkpoint_dir / f"epoch_{epoch:04d}.pt")
             keep_last(checkpoint_dir, "epoch_*.pt", cfg.checkpoint.keep_last)
             tracked.log_metrics(metrics, step=epoch)
-            log.info("epoch %d/%d  train/loss %.4f  test/acc %.2f%%  test/loss %.4f  %.1fs",
-                     epoch, cfg.epochs, metrics["train/loss"], test_acc, test_loss, epoch_seconds)
+            log.info("epoch %d/%d  train/loss %.4f  test/acc %.2f%%  test/loss %.4f  lr %.4g  %.1fs",
+                     epoch, cfg.epochs, metrics["train/loss"], test_acc, test_loss, lr, epoch_seconds)
+        return state
 
-        final = checkpoint_dir / Path(FINAL_CHECKPOINT).name
-        if world.is_main:
+    def checkpoint_state(self, run_id: str, epoch: int, metrics: dict) -> dict:
+        return {
+            "format": 1, "model_class": type(self.student).__name__, "run_id": run_id,
+            "teacher_run_id": self.teacher_run_id, "epoch": epoch,
+            "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "loss": self.loss_fn.state_dict(),
+            "rng": capture_rng({"data_order": self.data_order}),
+            "config": OmegaConf.to_yaml(self.resolved),
+            "identity": self.identity, "num_classes": self.student.num_classes, "metrics": metrics,
+        }
+
+    def finish(self, tracked, state: dict) -> Path:
+        """Save the final checkpoint (also as the run's artifact) and the teacher-cache tag."""
+        final = self.output_dir / "checkpoints" / Path(FINAL_CHECKPOINT).name
+        if self.world.is_main:
             save_checkpoint(state, final)
             tracked.log_file(final, str(Path(FINAL_CHECKPOINT).parent))
-            if teacher_outputs is not None:
-                tracked.set_tags({"teacher_cache": "used" if teacher_outputs.used_cache else "online"})
-    if not world.is_main:
+            if self.teacher_outputs is not None:
+                tracked.set_tags({"teacher_cache": "used" if self.teacher_outputs.used_cache else "online"})
+        return final
+
+
+def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
+            sweep: Optional[str] = None) -> JobResult:
+    """Train one job as one MLflow run; `overrides` are the command-line overrides to record and
+    `sweep` names the multirun the job belongs to (tag `sweep`, for filtering in compare.py and the UI)."""
+    job = Job(cfg, Path(output_dir))
+    job.build()
+    first_epoch = job.restore()
+    tracked = job.start_run(overrides, sweep)
+    with tracked:
+        job.log_start(tracked, first_epoch)
+        state = job.train(tracked, first_epoch)
+        final = job.finish(tracked, state)
+    if not job.world.is_main:
         return JobResult("", float("nan"), final)
     test_acc = state["metrics"]["test/acc"]
     log.info("finished %s: test/acc %.2f%% (run %s)", run_name(cfg), test_acc, tracked.run_id)

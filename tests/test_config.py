@@ -11,18 +11,21 @@ from omegaconf import OmegaConf
 
 from kdresearch.data import ImageData
 from kdresearch.errors import KDResearchError
-from kdresearch.losses import SoftTargetKD, TrainingLoss
+from kdresearch.losses.base import TrainingLoss
+from kdresearch.losses.kd import SoftTargetKD
 from kdresearch.trainer import build, check_config, run_name
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-DEFAULT_GROUPS = ("model", "teacher", "loss", "optimizer", "device", "data")
+DEFAULT_GROUPS = ("model", "teacher", "loss", "optimizer", "scheduler", "device", "data")
+# Folders of configs that groups include (teacher_recipe: the shared part of every teacher option).
+INCLUDED_ONLY = ("teacher_recipe",)
 SMALL_SYNTHETIC = ("data.num_train=64", "data.num_test=32")
 
 
 def group_options():
     """(group, option) for every yaml file of every group folder in conf/, found on disk."""
     found = []
-    for folder in sorted(p for p in CONF_DIR.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in INCLUDED_ONLY):
         for option in sorted(folder.glob("*.yaml")):
             found.append((folder.name, option.stem))
     return found
@@ -64,16 +67,19 @@ def instantiate_everything(cfg):
     assert isinstance(loss, TrainingLoss)
     if loss.needs_teacher:
         try:
-            loss.check_models(student, teacher)
+            loss.bind(student, teacher)
         except KDResearchError:
             pass  # some pairs are refused on purpose (test_losses); the loss itself was built
     else:
-        loss.check_models(student, None)
+        loss.bind(student, None)
     params = list(student.parameters()) + list(loss.parameters())
     optimizer = build(cfg.optimizer, "optimizer", params)
     assert isinstance(optimizer, torch.optim.Optimizer)
+    scheduler = build(cfg.scheduler, "scheduler", optimizer, cfg.epochs)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
     student(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()
+    scheduler.step()
     if cfg.data.name == "synthetic":
         data = build(cfg.data, "data")
         assert isinstance(data, ImageData)
@@ -89,7 +95,9 @@ def test_group_option_composes_and_instantiates(group, option):
             overrides += ["data=synthetic"]
         if group != "data" or option == "synthetic":
             overrides += list(SMALL_SYNTHETIC)
-    else:  # presets outside the defaults list, e.g. +experiment=...
+    elif group in ("experiment", "debug"):  # optional presets; the test swaps in small synthetic data
+        overrides = [f"experiment={option}", "data=synthetic", *SMALL_SYNTHETIC]
+    else:  # presets outside the defaults list
         overrides = [f"+{group}={option}"]
     cfg = make_cfg(*overrides)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves

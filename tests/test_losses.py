@@ -11,7 +11,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from kdresearch.errors import KDResearchError
-from kdresearch.losses import CosineHidden, CrossEntropy, MultiMargin, RegressorMSE, SoftTargetKD
+from kdresearch.losses.ce import CrossEntropy, MultiMargin
+from kdresearch.losses.cosine import CosineHidden
+from kdresearch.losses.kd import SoftTargetKD
+from kdresearch.losses.regressor import RegressorMSE
 from kdresearch.models import DeepNN, LightNN, ModelOutputs
 
 N, C = 16, 10
@@ -151,22 +154,25 @@ def test_regressor_matches_tutorial_formula(gen):
     logits, labels = randn(gen, N, C), labels_for(gen)
 
     loss = RegressorMSE()
+    loss.bind(LightNN(), DeepNN())  # sized from the pair: 16 -> 32, as the tutorial's
     # The tutorial's regressor, with the loss module's weights copied in.
     regressor = nn.Conv2d(16, 32, kernel_size=3, padding=1)
     regressor.load_state_dict(loss.regressor.state_dict())
     feature_loss = nn.MSELoss()(regressor(student_map), teacher_map)
     label_loss = nn.CrossEntropyLoss()(logits, labels)
 
-    total, parts = loss(ModelOutputs(logits, feature_map=student_map), ModelOutputs(None, feature_map=teacher_map), labels)
+    total, parts = loss(ModelOutputs(logits, stages=(None, student_map)), ModelOutputs(None, stages=(None, teacher_map)), labels)
     assert set(parts) == {"ce", "regressor"}
     close(parts["regressor"], feature_loss)
     close(parts["ce"], label_loss)
     close(total, 0.25 * feature_loss + 0.75 * label_loss)
-    assert loss.needs_teacher and loss.teacher_fields == ("feature_map",) and loss.student_features
+    assert loss.needs_teacher and loss.teacher_fields == ("stage1",) and loss.student_features
 
 
 def test_regressor_owns_a_trainable_conv(gen):
     loss = RegressorMSE()
+    assert loss.needs_teacher and list(loss.parameters()) == []  # nothing before the pair is known
+    loss.bind(LightNN(), DeepNN())
     conv = loss.regressor
     assert isinstance(conv, nn.Conv2d)
     assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == (16, 32, (3, 3), (1, 1))
@@ -177,8 +183,8 @@ def test_regressor_owns_a_trainable_conv(gen):
     assert set(loss.state_dict()) == {"regressor.weight", "regressor.bias"}
 
     student_map = randn(gen, 4, 16, 8, 8)
-    _, parts = loss(ModelOutputs(randn(gen, 4, C), feature_map=student_map),
-                    ModelOutputs(None, feature_map=randn(gen, 4, 32, 8, 8)), labels_for(gen, 4))
+    _, parts = loss(ModelOutputs(randn(gen, 4, C), stages=(student_map,)),
+                    ModelOutputs(None, stages=(randn(gen, 4, 32, 8, 8),)), labels_for(gen, 4))
     parts["regressor"].backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
@@ -206,7 +212,7 @@ def test_multimargin_matches_torch(gen, p, margin, weight):
     reference = nn.MultiMarginLoss(p=p, margin=margin,
                                    weight=None if weight is None else torch.tensor(weight, dtype=torch.float))
     loss = MultiMargin(p=p, margin=margin, weight=weight)
-    loss.check_models(LightNN(), None)
+    loss.bind(LightNN(), None)
     total, parts = loss(ModelOutputs(logits), None, labels)
     assert set(parts) == {"multimargin"}
     close(total, reference(logits, labels))
@@ -222,7 +228,7 @@ def test_multimargin_rejects_bad_options():
     with pytest.raises(KDResearchError, match="loss.weight"):
         MultiMargin(weight=[1, -1, 1])
     with pytest.raises(KDResearchError, match="loss.weight has 3 entries but the model has 10 classes"):
-        MultiMargin(weight=[1, 1, 1]).check_models(LightNN(), None)
+        MultiMargin(weight=[1, 1, 1]).bind(LightNN(), None)
 
 
 # --- validation of user-typed hyperparameters ---------------------------------------------------
@@ -269,36 +275,39 @@ def test_zero_weights_are_allowed(gen):
 def test_compatible_pairs_pass():
     student, teacher = LightNN(), DeepNN()
     for loss in (SoftTargetKD(), CosineHidden(), RegressorMSE()):
-        loss.check_models(student, teacher)
-    CrossEntropy().check_models(student, None)
+        loss.bind(student, teacher)
+    CrossEntropy().bind(student, None)
 
 
 def test_cosine_refuses_teacher_with_smaller_hidden():
     # DeepNN student (2048-d hidden) taught by a LightNN (1024-d): 1024 is no multiple of 2048.
     with pytest.raises(KDResearchError) as raised:
-        CosineHidden().check_models(DeepNN(), LightNN())
+        CosineHidden().bind(DeepNN(), LightNN())
     message = str(raised.value)
-    assert "loss=cosine" in message and "LightNN: 1024" in message and "DeepNN: 2048" in message
+    assert "loss=cosine" in message and "(1024) must be a multiple of the student's (2048)" in message
+    assert "student DeepNN" in message and "teacher LightNN" in message
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("student, teacher", [
-    (DeepNN, DeepNN),   # regressor maps 16 student channels, DeepNN has 32
-    (LightNN, LightNN),  # LightNN teacher has 16 channels, the regressor outputs 32
-    (DeepNN, LightNN),
-])
-def test_regressor_refuses_channel_mismatch(student, teacher):
+def test_regressor_is_sized_from_any_pair():
+    for student, teacher, channels in [(LightNN, LightNN, (16, 16)), (DeepNN, LightNN, (32, 16)),
+                                       (DeepNN, DeepNN, (32, 32))]:
+        loss = RegressorMSE()
+        loss.bind(student(), teacher())
+        assert (loss.regressor.in_channels, loss.regressor.out_channels) == channels
+
+
+def test_regressor_refuses_maps_of_different_sizes():
+    class Wide(LightNN):  # a LightNN whose last map were 16x16
+        stage_sizes = (16, 16)
+
     with pytest.raises(KDResearchError) as raised:
-        RegressorMSE().check_models(student(), teacher())
+        RegressorMSE().bind(Wide(), DeepNN())
     message = str(raised.value)
-    assert "loss=regressor" in message and student.__name__ in message and teacher.__name__ in message
+    assert "loss=regressor" in message and "16x16 vs 8x8" in message and "DeepNN" in message
     assert "\n" not in message
-
-
-def test_regressor_channels_are_configurable_for_a_light_teacher():
-    RegressorMSE(in_channels=16, out_channels=16).check_models(LightNN(), LightNN())
 
 
 def test_kd_refuses_different_class_counts():
     with pytest.raises(KDResearchError, match=r"same classes \(100 vs 10\)"):
-        SoftTargetKD().check_models(LightNN(num_classes=10), DeepNN(num_classes=100))
+        SoftTargetKD().bind(LightNN(num_classes=10), DeepNN(num_classes=100))

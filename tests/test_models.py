@@ -129,8 +129,13 @@ def test_with_features_shapes_and_same_logits(model_class, hidden, channels):
     assert out.feature_map.shape == (5, channels, 8, 8)
     assert torch.equal(plain, out.logits)
     assert torch.equal(out.hidden, out.feature_map.flatten(1))
-    # The attributes the losses check agree with the real outputs.
-    assert (model.hidden_dim, model.feature_channels, model.feature_size) == (hidden, channels, 8)
+    # Every conv block is a stage; the declared shape facts agree with the real outputs.
+    assert [tuple(stage.shape[1:]) for stage in out.stages] == [
+        (c, s, s) for c, s in zip(model.stage_channels, model.stage_sizes)]
+    assert out.stages[-1] is out.feature_map
+    assert out.embedding.shape == (5, model.embedding_dim)
+    assert torch.equal(out.logits, model.classifier[-1](out.embedding))
+    assert (model.hidden_dim, model.stage_channels[-1], model.stage_sizes[-1]) == (hidden, channels, 8)
 
 
 @pytest.mark.parametrize("ours, theirs", PAIRS, ids=IDS)

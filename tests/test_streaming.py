@@ -87,17 +87,18 @@ def test_bad_folders_fail_with_one_line(tmp_path, folder):
     with pytest.raises(KDResearchError, match="needs data.root=PATH"):
         load_image_folder(None)
     (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "dog").mkdir(parents=True)
     with pytest.raises(KDResearchError, match="test is missing"):
-        load_image_folder(str(tmp_path))
+        load_image_folder(str(tmp_path), num_classes=2)
     (tmp_path / "test" / "cat").mkdir(parents=True)
     with pytest.raises(KDResearchError, match="no images"):
-        load_image_folder(str(tmp_path))
+        load_image_folder(str(tmp_path), num_classes=2)
     (tmp_path / "train" / "cat" / "broken.png").write_bytes(b"not a png")
     (tmp_path / "test" / "cat" / "ok.png").write_bytes((folder[0] / "test" / "class_00").glob("*.png").__next__().read_bytes())
     with pytest.raises(KDResearchError, match="num_workers"):
-        load_image_folder(str(tmp_path), num_workers=-1)
+        load_image_folder(str(tmp_path), num_classes=2, num_workers=-1)
     for workers in (0, 2):
-        data = load_image_folder(str(tmp_path), num_workers=workers)
+        data = load_image_folder(str(tmp_path), num_classes=2, num_workers=workers)
         with pytest.raises(KDResearchError) as raised:
             list(data.batches("train", 4, CPU))
         message = str(raised.value)

@@ -1,0 +1,107 @@
+"""CIFAR VGGs with BatchNorm (vgg8, vgg11, vgg13).
+
+Architecture: Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image
+Recognition", ICLR 2015, with BatchNorm after every conv, in the CIFAR variant of the distillation
+benchmark suites RepDistiller (Tian et al., "Contrastive Representation Distillation", ICLR 2020;
+github.com/HobbitLong/RepDistiller, models/vgg.py) and mdistiller (Zhao et al., "Decoupled
+Knowledge Distillation", CVPR 2022; github.com/megvii-research/mdistiller,
+mdistiller/models/cifar/vgg.py): five conv blocks (`block0` ... `block4`, widths ending
+64/128/256/512/512), max-pools between them, global average pooling and a single linear
+`classifier` (no fully connected hidden layers). The suites' config names map to their `_bn`
+builders: vgg8 = "S" (one conv per block), vgg11 = "A", vgg13 = "B". For a 32x32 input the max-pool
+between block3 and block4 is skipped (the suites apply it only to 64x64 inputs), so block3 and
+block4 both work at 4x4.
+
+`state_dict` keys equal the suites' (block<k>.<i> numbered conv, BN, ReLU, conv, BN, ...; the
+pools have no parameters; classifier), so their checkpoints load unchanged. Initialisation is
+theirs too.
+
+Stages: the outputs of block1 ... block4 after the ReLU and before the following pool, i.e. the
+suites' feat[1] ... feat[4] (`is_feat=True` in RepDistiller, `feats["feats"][1:]` in
+mdistiller); block0 is the stem (feat[0]). The embedding is the average-pooled block4 output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdresearch.models import ModelOutputs, Network
+
+# Output widths of the convs of block0 ... block4.
+CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "vgg8": ((64,), (128,), (256,), (512,), (512,)),
+    "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+    "vgg13": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+}
+
+
+def _conv_block(in_channels: int, widths: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        in_channels = width
+    # The block ends at its last BN (as in the suites, which read that BN as the pre-activation);
+    # the caller applies the last ReLU.
+    return nn.Sequential(*layers[:-1])
+
+
+class VGG(Network):
+    """VGG-BN for CIFAR; `widths[k]` lists the conv widths of block k (five blocks)."""
+
+    def __init__(self, widths: Sequence[Sequence[int]], num_classes: int = 100, arch: str = "vgg"):
+        super().__init__()
+        if len(widths) != 5:
+            raise ValueError(f"VGG needs conv widths for 5 blocks, got {len(widths)}")
+        self.arch = arch
+        self.num_classes = num_classes
+        self.embedding_dim = widths[4][-1]
+        self.stage_channels = tuple(block[-1] for block in widths[1:])
+        self.stage_sizes = (16, 8, 4, 4)
+
+        in_channels = 3
+        for index, block_widths in enumerate(widths):
+            setattr(self, f"block{index}", _conv_block(in_channels, block_widths))
+            in_channels = block_widths[-1]
+        self.classifier = nn.Linear(self.embedding_dim, num_classes)
+
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.01)
+                nn.init.zeros_(module.bias)
+
+    def outputs(self, x: torch.Tensor) -> ModelOutputs:
+        pool_before_block4 = x.shape[2] == 64  # the suites' rule: keeps block4 at 4x4 for 64x64 inputs
+        x = F.relu(self.block0(x), inplace=True)
+        stages = []
+        for index, block in enumerate((self.block1, self.block2, self.block3, self.block4), start=1):
+            if index < 4 or pool_before_block4:
+                x = F.max_pool2d(x, kernel_size=2, stride=2)  # a fresh tensor: the stage before stays intact
+            # The block ends with a BN, whose output is fresh, so the in-place ReLU is safe.
+            x = F.relu(block(x), inplace=True)
+            stages.append(x)
+        embedding = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return ModelOutputs(logits=self.classifier(embedding), embedding=embedding, stages=tuple(stages))
+
+
+def vgg8(num_classes: int = 100) -> VGG:
+    return VGG(CONFIGS["vgg8"], num_classes, arch="vgg8")
+
+
+def vgg11(num_classes: int = 100) -> VGG:
+    return VGG(CONFIGS["vgg11"], num_classes, arch="vgg11")
+
+
+def vgg13(num_classes: int = 100) -> VGG:
+    return VGG(CONFIGS["vgg13"], num_classes, arch="vgg13")
