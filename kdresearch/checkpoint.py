@@ -1,7 +1,8 @@
 """Checkpoints: a dict of state_dicts and plain data, written atomically, read with weights_only.
 
-Layout (format 1): {"format", "model_class", "epoch", "model", "optimizer", "loss", "rng",
-"config", "metrics"}. Everything is tensors, numbers, strings, lists and dicts, so
+Layout (format 1): {"format", "model_class", "run_id", "teacher_run_id", "epoch", "model",
+"optimizer", "scheduler", "loss" (what the loss owns: connectors, heads, memory banks), "rng",
+"config", "identity" (kdresearch.identity), "num_classes", "metrics"}. Everything is tensors, numbers, strings, lists and dicts, so
 `torch.load(weights_only=True)` reads it and a crafted pickle cannot run code.
 """
 
@@ -86,9 +87,21 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+STATE_DICT_KEYS = ("model", "net", "state_dict")  # where the benchmark suites' files keep the weights
+
+
 def model_state(checkpoint: dict) -> dict:
-    """The model's state_dict from one of our checkpoints or from a bare state_dict file."""
-    return checkpoint["model"] if "model" in checkpoint and "format" in checkpoint else checkpoint
+    """The model's state_dict from one of our checkpoints, a benchmark suite's file (RepDistiller and
+    mdistiller keep it under `model`; others use `net` or `state_dict`) or a bare state_dict.
+    A `module.` prefix left by DataParallel/DDP is dropped."""
+    state = checkpoint
+    for key in STATE_DICT_KEYS:
+        if isinstance(checkpoint.get(key), dict):
+            state = checkpoint[key]
+            break
+    if state and all(name.startswith("module.") for name in state):
+        state = {name[len("module."):]: value for name, value in state.items()}
+    return state
 
 
 # --- RNG state as plain data (np.random.get_state() is not weights_only-loadable as is) ---------

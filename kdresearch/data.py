@@ -37,9 +37,12 @@ class Dataset(Protocol):
     augment: bool
     classes: tuple[str, ...]
     num_classes: int  # labels lie in [0, num_classes); equals len(classes)
+    train_size: int  # training samples (sample indices lie in [0, train_size))
 
     def fingerprint(self) -> str:
-        """Content hash of the samples, labels and preprocessing."""
+        """Content hash of the samples, labels and normalisation (not of `augment`: whether a job
+        augments is part of its training identity, kdresearch.identity, so teacher and student of
+        one data set share a fingerprint however each trains)."""
 
     def batches(self, split: str, batch_size: int, device: torch.device,
                 generator: Optional[torch.Generator] = None, channels_last: bool = False,
@@ -67,8 +70,12 @@ class ImageData:
         """How many classes the labels index (the loaders check labels against it)."""
         return len(self.classes)
 
+    @property
+    def train_size(self) -> int:
+        return len(self.train_labels)
+
     def fingerprint(self) -> str:
-        """Content hash of images, labels and preprocessing: identifies the data a model saw.
+        """Content hash of images, labels and normalisation: identifies the data a model saw.
         Hashing 180 MB takes about a second, so it is computed once per dataset."""
         if self._fingerprint is None:
             self._fingerprint = self._hash()
@@ -85,7 +92,7 @@ class ImageData:
         digest = hashlib.sha256()
         for tensor in (self.train_images, self.train_labels, self.test_images, self.test_labels):
             digest.update(tensor.contiguous().numpy().tobytes())
-        digest.update(repr((self.mean, self.std, self.augment)).encode())
+        digest.update(repr((self.mean, self.std)).encode())
         return digest.hexdigest()[:16]
 
 

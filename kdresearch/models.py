@@ -173,6 +173,11 @@ class LightNN(_ConvClassifier):
         )
 
 
+def model_name(model: nn.Module) -> str:
+    """The architecture's name as configs spell it (`arch`, e.g. resnet8x4), else the class name."""
+    return getattr(model, "arch", type(model).__name__)
+
+
 def first_layer(model: nn.Module) -> nn.Conv2d:
     """The first convolution in definition order: every model here starts with one."""
     return next(module for module in model.modules() if isinstance(module, nn.Conv2d))

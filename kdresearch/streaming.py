@@ -105,6 +105,10 @@ class ImageFolderData:
         """How many classes the labels index: the number of class folders."""
         return len(self.classes)
 
+    @property
+    def train_size(self) -> int:
+        return len(self.train_labels)
+
     def batches(self, split: str, batch_size: int, device: torch.device,
                 generator: Optional[torch.Generator] = None, channels_last: bool = False,
                 augment: bool = False, shard: tuple[int, int] = (0, 1)) -> StreamingBatches:
@@ -122,7 +126,7 @@ class ImageFolderData:
                 for path, label in zip(files, labels.tolist()):
                     digest.update(f"{path.relative_to(self.root)}|{label}|".encode())
                     digest.update(path.read_bytes())
-            digest.update(repr((self.mean, self.std, self.augment, IMAGE_SIZE)).encode())
+            digest.update(repr((self.mean, self.std, IMAGE_SIZE)).encode())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 

@@ -23,6 +23,7 @@ from torch import nn
 from kdresearch.checkpoint import load_checkpoint, model_state
 from kdresearch.errors import KDResearchError
 from kdresearch.identity import config_identity, identity_hash
+from kdresearch.models import model_name
 from kdresearch.tracking import FileLock
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,20 @@ def teacher_job_config(cfg: DictConfig) -> DictConfig:
 
 def load_weights(model: nn.Module, checkpoint: dict, source: str) -> None:
     """Load a checkpoint into `model`, refusing one made for another architecture with one line."""
-    expected = type(model).__name__
+    expected = model_name(model)
     found = checkpoint.get("model_class")
     if found is not None and found != expected:
         raise KDResearchError(f"{source} holds a {found}, but the teacher model is a {expected} (teacher.model)")
+    state = model_state(checkpoint)
+    classifier = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
+    found_classes = getattr(state.get(f"{classifier}.weight"), "shape", (None,))[0]
+    if found_classes is not None and found_classes != model.num_classes:
+        raise KDResearchError(
+            f"{source} was trained for {found_classes} classes but the data has {model.num_classes} "
+            f"(data.num_classes); use a teacher trained on this dataset"
+        )
     try:
-        model.load_state_dict(model_state(checkpoint))
+        model.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError) as error:
         first_line = str(error).strip().splitlines()[0]
         raise KDResearchError(f"{source} does not fit a {expected}: {first_line}") from None

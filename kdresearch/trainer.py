@@ -30,8 +30,8 @@ from kdresearch.data import Dataset
 from kdresearch.errors import KDResearchError
 from kdresearch.identity import config_identity, identity_hash
 from kdresearch.losses.base import Progress, TrainingLoss
-from kdresearch.models import ModelOutputs, first_layer_norm, parameter_count
-from kdresearch.teacher import FINAL_CHECKPOINT, obtain_teacher
+from kdresearch.models import ModelOutputs, first_layer_norm, model_name, parameter_count
+from kdresearch.teacher import CONF_DIR, FINAL_CHECKPOINT, obtain_teacher
 from kdresearch.teacher_outputs import teacher_outputs as build_teacher_outputs
 from kdresearch.tracking import NullRun, Tracker, flatten
 
@@ -76,14 +76,25 @@ def build(node: DictConfig, group: str, *args):
 
 
 def check_config(cfg: DictConfig) -> None:
-    """The top-level keys users type; Hydra passes any string through, so check them here."""
-    for key, minimum in (("epochs", 1), ("batch_size", 1), ("seed", 0)):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise KDResearchError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    T = cfg.T
-    if isinstance(T, bool) or not isinstance(T, (int, float)) or not math.isfinite(T) or T <= 0:
-        raise KDResearchError(f"T must be a number > 0, got {T!r}")
+    """The top-level keys users type; Hydra passes any string through, so check them here,
+    before anything starts (an error after the first epoch would waste it)."""
+    for key, minimum, maximum in (("epochs", 1, None), ("batch_size", 1, None), ("seed", 0, 2**32 - 1),
+                                  ("checkpoint.keep_last", 0, None), ("teacher.epochs", 1, None),
+                                  ("teacher.batch_size", 1, None)):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+                maximum is not None and value > maximum):
+            bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+            raise KDResearchError(f"{key} must be an integer {bound}, got {value!r}")
+    for key in ("T", "cache.max_gb"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise KDResearchError(f"{key} must be a number > 0, got {value!r}")
+    for key in ("data.augment", "teacher.augment"):
+        if not isinstance(OmegaConf.select(cfg, key), bool):
+            raise KDResearchError(f"{key} must be true or false, got {OmegaConf.select(cfg, key)!r}")
+    if not isinstance(cfg.tracking.experiment, str) or not cfg.tracking.experiment.strip():
+        raise KDResearchError(f"tracking.experiment must be a non-empty name, got {cfg.tracking.experiment!r}")
     devices.check_precision(cfg.device.precision)
 
 
@@ -94,13 +105,41 @@ def seed_everything(seed: int) -> None:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """Readable MLflow run names: deep-ce, light-ce, light-kd-T2, light-kd-T4-w0.5, light-cosine."""
+    """Readable MLflow run names: deep-ce, light-ce, light-kd-T2, light-kd-T4-w0.5, resnet20-dkd-T4-beta4.
+
+    The temperature always shows; every other `loss.*` hyperparameter shows when it differs from
+    the loss config's default (`w` is the distillation weight, `ce` the cross-entropy weight).
+    """
     name = f"{cfg.model.name}-{cfg.loss.name}"
-    if "T" in cfg.loss:
-        name += f"-T{cfg.loss.T:g}"
-    if "distill_weight" in cfg.loss and cfg.loss.distill_weight != 0.25:
-        name += f"-w{cfg.loss.distill_weight:g}"
+    values = OmegaConf.to_container(cfg.loss, resolve=True)
+    defaults = loss_defaults(cfg.loss.name)
+    if "T" in values:
+        name += f"-T{values['T']:g}"
+    short = {"distill_weight": "w", "ce_weight": "ce"}
+    for key in sorted(values, key=lambda k: (k not in short, short.get(k, k))):
+        value = values[key]
+        if key in ("T", "name", "_target_") or key not in defaults or value == defaults[key]:
+            continue
+        if isinstance(value, bool):
+            shown = "" if value else "-no"
+        elif isinstance(value, float):
+            shown = f"{value:g}"
+        else:
+            shown = str(value).replace(" ", "")
+        name += f"-{shown}{short.get(key, key)}" if isinstance(value, bool) else f"-{short.get(key, key)}{shown}"
     return name
+
+
+def loss_defaults(loss_name: str) -> dict:
+    """The values conf/loss/<name>.yaml gives, its interpolations (`${T}`, `${kd_weights.ce}`)
+    resolved against conf/config.yaml's own values; {} for a loss defined elsewhere."""
+    path = CONF_DIR / "loss" / f"{loss_name}.yaml"
+    if not path.is_file():
+        return {}
+    top = OmegaConf.load(CONF_DIR / "config.yaml")
+    top = OmegaConf.create({key: top[key] for key in top if key not in ("defaults", "hydra")})
+    merged = OmegaConf.merge(top, {"loss": OmegaConf.load(path)})
+    return OmegaConf.to_container(merged.loss, resolve=True)
 
 
 def forward(model: nn.Module, images: torch.Tensor, with_features: bool) -> ModelOutputs:
@@ -353,7 +392,7 @@ class Job:
 
     def checkpoint_state(self, run_id: str, epoch: int, metrics: dict) -> dict:
         return {
-            "format": 1, "model_class": type(self.student).__name__, "run_id": run_id,
+            "format": 1, "model_class": model_name(self.student), "run_id": run_id,
             "teacher_run_id": self.teacher_run_id, "epoch": epoch,
             "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "loss": self.loss_fn.state_dict(),

@@ -253,9 +253,11 @@ def test_cifar10_num_classes(tmp_path):
 
 def test_every_data_config_has_num_classes():
     expected = {"cifar10": 10, "cifar100": 100, "synthetic": 10, "image_folder": 10}
-    assert {path.stem for path in CONF_DATA.glob("*.yaml")} >= set(expected)
-    for path in CONF_DATA.glob("*.yaml"):
-        assert OmegaConf.load(path).num_classes == expected.get(path.stem, OmegaConf.load(path).num_classes)
+    configs = {path.stem: OmegaConf.load(path) for path in CONF_DATA.glob("*.yaml")}
+    assert set(configs) >= set(expected)
+    for option, cfg in configs.items():
+        assert "num_classes" in cfg, f"conf/data/{option}.yaml has no num_classes"
+        assert cfg.num_classes == expected.get(option, cfg.num_classes)
 
 
 @pytest.mark.parametrize("num_classes", [1, 0, 2.5, True, "10"])

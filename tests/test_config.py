@@ -96,7 +96,7 @@ def test_group_option_composes_and_instantiates(group, option):
         if group != "data" or option == "synthetic":
             overrides += list(SMALL_SYNTHETIC)
     elif group in ("experiment", "debug"):  # optional presets; the test swaps in small synthetic data
-        overrides = [f"experiment={option}", "data=synthetic", *SMALL_SYNTHETIC]
+        overrides = [f"{group}={option}", "data=synthetic", *SMALL_SYNTHETIC]
     else:  # presets outside the defaults list
         overrides = [f"+{group}={option}"]
     cfg = make_cfg(*overrides)

@@ -80,7 +80,8 @@ def test_fingerprint_follows_file_content(folder, tmp_path):
     pixels.putpixel((0, 0), tuple(255 - v for v in pixels.getpixel((0, 0))))
     pixels.save(image)
     assert load_image_folder(str(copy)).fingerprint() != first
-    assert load_image_folder(str(copy), augment=True).fingerprint() != load_image_folder(str(copy)).fingerprint()
+    # Augmentation is how a job trains (its identity), not what the data holds.
+    assert load_image_folder(str(copy), augment=True).fingerprint() == load_image_folder(str(copy)).fingerprint()
 
 
 def test_bad_folders_fail_with_one_line(tmp_path, folder):
