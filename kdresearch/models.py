@@ -96,7 +96,7 @@ class Network(nn.Module):
     def describe(self) -> str:
         """One-line shape summary for error messages, e.g. 'resnet8x4 (stages 64x32x32, 128x16x16, ...)'."""
         stages = ", ".join(f"{c}x{s}x{s}" for c, s in zip(self.stage_channels, self.stage_sizes))
-        name = getattr(self, "arch", type(self).__name__)
+        name = model_name(self)
         return f"{name} (stages {stages}; embedding {self.embedding_dim}; {self.num_classes} classes)"
 
 

@@ -27,7 +27,8 @@ SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared/data/cifar10-real-1
 EXPERIMENT = "kdresearch"
 
 # Small and fast: what integration tests use unless accuracy matters.
-FAST = ("epochs=1", "data.limit_train=256", "data.limit_test=128")
+# Small and fast: conf/debug/tiny.yaml (1 epoch of student and automatic teacher, 256/128 images).
+FAST = ("debug=tiny",)
 
 _run_numbers = itertools.count(1)
 

@@ -29,10 +29,11 @@ from kdresearch.compare import (ARTIFACT_DIR, Comparison, RunRecord, build_rows,
 from kdresearch.errors import KDResearchError
 from kdresearch.tracking import Tracker
 from kdresearch.trainer import run_job
+from conftest import FAST
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = REPO_ROOT / "conf"
-SMALL = ["data=synthetic", "data.limit_train=256", "data.limit_test=128", "epochs=2", "quiet=true", "device=cpu"]
+SMALL = ["data=synthetic", *FAST, "epochs=2", "device=cpu"]
 JOBS = {  # key: (overrides, sweep tag)
     "teacher": (["model=deep"], "sweep-a"),
     "ce42": (["loss=ce"], "sweep-a"),

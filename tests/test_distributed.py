@@ -15,8 +15,7 @@ def test_torchrun_two_processes_one_run_per_job(tmp_path):
     run_dir = tmp_path / "ddp-job"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-        "loss=regressor", "data=synthetic", "data.limit_train=256", "data.limit_test=128", "epochs=2",
-        "quiet=true", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"cache.dir={tmp_path / 'cache'}",
+        "loss=regressor", "data=synthetic", "debug=tiny", "epochs=2", "teacher.epochs=2", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"cache.dir={tmp_path / 'cache'}",
         f"hydra.run.dir={run_dir}",
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)

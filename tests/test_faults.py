@@ -36,14 +36,16 @@ from kdresearch import checkpoint as ckpt
 from kdresearch import devices, resume, teacher_outputs
 from kdresearch.errors import KDResearchError
 
+from conftest import FAST
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO_ROOT / "train.py"
 EXPERIMENT = "kdresearch"
 
 # A job long enough to be killed between epochs 2 and 4, short enough to run often. The
 # uninterrupted baseline, the killed jobs and their continuations all use exactly these.
-RESUMABLE = ("epochs=4", "data.limit_train=1024", "data.limit_test=128", "checkpoint.keep_last=2")
-TINY = ("epochs=1", "data.limit_train=256", "data.limit_test=128")
+RESUMABLE = ("debug=tiny", "epochs=4", "data.limit_train=1024", "checkpoint.keep_last=2")
+TINY = FAST
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -94,8 +94,10 @@ def plain_tckd_nckd(student, teacher, labels, T):
         others_s = [v for c, v in enumerate(sn) if c != yn]
         others_t = [v for c, v in enumerate(tn) if c != yn]
         # log p_y and log(1 - p_y) = log(sum of the non-target probabilities).
-        binary_s = [log_softmax_row(sn, T)[yn], log_sum_exp([v / T for v in others_s]) - log_sum_exp([v / T for v in sn])]
-        binary_t = [log_softmax_row(tn, T)[yn], log_sum_exp([v / T for v in others_t]) - log_sum_exp([v / T for v in tn])]
+        binary_s = [log_softmax_row(sn, T)[yn],
+                    log_sum_exp([v / T for v in others_s]) - log_sum_exp([v / T for v in sn])]
+        binary_t = [log_softmax_row(tn, T)[yn],
+                    log_sum_exp([v / T for v in others_t]) - log_sum_exp([v / T for v in tn])]
         tckd += kl(binary_t, binary_s)
         nckd += kl(log_softmax_row(others_t, T), log_softmax_row(others_s, T))
     scale = T**2 / len(s)

@@ -16,14 +16,14 @@ import sys
 from itertools import product
 from pathlib import Path
 
-from conftest import run_command
+from conftest import FAST, run_command
 import yaml
 from hydra import compose, initialize_config_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 EXPERIMENT = "kdresearch"
-TINY = ("data=synthetic", "epochs=1", "data.limit_train=256", "data.limit_test=128", "quiet=true")
+TINY = ("data=synthetic", *FAST)
 
 # What MLflow says when several processes create one fresh SQLite store at the same moment
 # (each one that finds no tables logs "Creating initial MLflow database tables").

@@ -14,9 +14,10 @@ from kdresearch.models import DeepNN
 from kdresearch.teacher_outputs import CachedTeacher, OnlineTeacher, cache_key, teacher_outputs
 from kdresearch.tracking import metric_history
 from kdresearch.trainer import run_job
+from conftest import FAST
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-SMALL = ["data=synthetic", "data.limit_train=384", "data.limit_test=128", "epochs=2", "quiet=true"]
+SMALL = ["data=synthetic", *FAST, "data.limit_train=384", "epochs=2"]
 
 
 def compose_job(tmp_path, *overrides):

@@ -16,10 +16,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import run_command
+from conftest import FAST, run_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = ("data=synthetic", "epochs=1", "data.limit_train=256", "data.limit_test=128", "quiet=true")
+TINY = ("data=synthetic", *FAST)
 SERVER_START_TIMEOUT = 180  # first start ~20-30 s here; much more when the 2 cores are busy
 
 

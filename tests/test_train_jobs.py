@@ -263,9 +263,9 @@ def assert_clean_failure(done, message, store):
     assert_none_running(mlflow_client(store))
 
 
-def light_checkpoint(path, bare=False):
+def light_checkpoint(path, bare=False, num_classes=10):
     """A LightNN checkpoint (ours, or a bare state_dict): the wrong architecture for a DeepNN teacher."""
-    model = LightNN()
+    model = LightNN(num_classes)
     save_checkpoint(model.state_dict() if bare else
                     {"format": 1, "model_class": "LightNN", "epoch": 1, "model": model.state_dict()}, path)
     return path
@@ -281,15 +281,19 @@ BAD_INPUTS = {
     "wrong-architecture-teacher": (("loss=kd", "teacher.checkpoint={light}"),
                                    "error: teacher checkpoint {light} holds a LightNN, but the teacher model is a DeepNN"),
     "incompatible-cosine-pair": (("loss=cosine", "model=deep", "teacher=light"),
-                                 "error: loss=cosine needs a teacher hidden size that is a multiple of the student's"),
+                                 "error: loss=cosine: the teacher's hidden size (1024) must be a multiple of the "
+                                 "student's (2048); student DeepNN (stages 64x16x16, 32x8x8; embedding 512; 10 classes), "
+                                 "teacher LightNN"),
+    "teacher-for-other-classes": (("loss=kd", "teacher=light", "teacher.checkpoint={light100}"),
+                                  "error: teacher checkpoint {light100} was trained for 100 classes but the data has 10"),
     "sgd-nesterov-without-momentum": (("optimizer=sgd", "optimizer.nesterov=true", "optimizer.momentum=0"),
                                       "error: optimizer: Nesterov momentum requires a momentum and zero dampening"),
     "divergence": (("optimizer=sgd", "optimizer.lr=1e30"), "error: training diverged"),
 }
 
 MORE_BAD_INPUTS = {
-    "regressor-with-deep-student": (("loss=regressor", "model=deep"),
-                                    "error: loss=regressor maps 16 student channels to 32 teacher channels"),
+    "regressor-with-smaller-maps": (("loss=regressor", "model=vgg8"),
+                                    "error: loss=regressor: the last feature maps differ in size (4x4 vs 8x8); student vgg8"),
     "multimargin-p3": (("loss=multimargin", "loss.p=3"), "error: loss=multimargin"),
     "zero-epochs": (("epochs=0",), "error: epochs must be an integer >= 1, got 0"),
     "cifar10-missing": (("data=cifar10", "data.root=/does/not/exist", "data.download=false"),
@@ -302,7 +306,8 @@ MORE_BAD_INPUTS = {
 def bad_jobs(tmp_path_factory):
     """All of BAD_INPUTS against one store, two at a time; {case: (CompletedProcess, message)}."""
     store = tmp_path_factory.mktemp("bad")
-    files = {"light": light_checkpoint(store / "light.pt")}
+    files = {"light": light_checkpoint(store / "light.pt"),
+             "light100": light_checkpoint(store / "light100.pt", num_classes=100)}
     cases = {name: (tuple(o.format(**files) for o in overrides), message.format(**files))
              for name, (overrides, message) in BAD_INPUTS.items()}
     # One job first creates the store (MLflow's schema set-up is not for two processes at once).
