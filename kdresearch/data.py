@@ -63,6 +63,8 @@ class ImageData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool = False  # random crop + flip of training batches (BatchIterator)
+    val_images: Optional[torch.Tensor] = None  # data.val_size images held out of the training set
+    val_labels: Optional[torch.Tensor] = None
     _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -74,6 +76,10 @@ class ImageData:
     def train_size(self) -> int:
         return len(self.train_labels)
 
+    @property
+    def has_validation(self) -> bool:
+        return self.val_labels is not None
+
     def fingerprint(self) -> str:
         """Content hash of images, labels and normalisation: identifies the data a model saw.
         Hashing 180 MB takes about a second, so it is computed once per dataset."""
@@ -84,14 +90,17 @@ class ImageData:
     def batches(self, split: str, batch_size: int, device: torch.device,
                 generator: Optional[torch.Generator] = None, channels_last: bool = False,
                 augment: bool = False, shard: tuple[int, int] = (0, 1)) -> "BatchIterator":
-        """Batches of the `train` or `test` split (see BatchIterator)."""
-        images, labels = (self.train_images, self.train_labels) if split == "train" else (self.test_images, self.test_labels)
+        """Batches of the `train`, `val` or `test` split (see BatchIterator)."""
+        images, labels = {"train": (self.train_images, self.train_labels), "val": (self.val_images, self.val_labels),
+                          "test": (self.test_images, self.test_labels)}[split]
         return BatchIterator(images, labels, self, batch_size, device, generator, channels_last, augment, shard)
 
     def _hash(self) -> str:
         digest = hashlib.sha256()
-        for tensor in (self.train_images, self.train_labels, self.test_images, self.test_labels):
-            digest.update(tensor.contiguous().numpy().tobytes())
+        for tensor in (self.train_images, self.train_labels, self.val_images, self.val_labels,
+                       self.test_images, self.test_labels):
+            if tensor is not None:
+                digest.update(tensor.contiguous().numpy().tobytes())
         digest.update(repr((self.mean, self.std)).encode())
         return digest.hexdigest()[:16]
 
@@ -130,12 +139,53 @@ def _limited(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int], w
     return images[:limit].contiguous(), labels[:limit].contiguous()
 
 
-def _image_data(name, train, test, classes, limit_train, limit_test, mean, std, augment) -> ImageData:
+def _image_data(name, train, test, classes, limit_train, limit_test, mean, std, augment,
+                val_size=0, val_seed=0) -> ImageData:
     check_normalisation(mean, std)
     train_images, train_labels = _limited(*train, limit_train, "limit_train")
     test_images, test_labels = _limited(*test, limit_test, "limit_test")
+    val_images = val_labels = None
+    if check_val_size(val_size, len(train_labels)):
+        kept, held_out = stratified_holdout(train_labels, val_size, val_seed)
+        val_images, val_labels = train_images[held_out], train_labels[held_out]
+        train_images, train_labels = train_images[kept], train_labels[kept]
     return ImageData(name, train_images, train_labels, test_images, test_labels, tuple(classes),
-                     tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(augment))
+                     tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(augment),
+                     val_images, val_labels)
+
+
+# --- validation hold-out ----------------------------------------------------------------------
+
+def check_val_size(val_size, train_size: int) -> int:
+    """`data.val_size`: 0 (no validation split) or fewer images than the training set holds."""
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < train_size:
+        raise KDResearchError(f"data.val_size must be an integer in [0, {train_size}) (the training images), "
+                              f"got {val_size!r}")
+    return val_size
+
+
+def stratified_holdout(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept positions, held-out positions), both sorted: `val_size` training samples held out for
+    validation, each class in proportion to its share of the labels (largest remainders decide the
+    rounding, ties to the lower class), drawn with a generator seeded by `data.val_seed`, so every
+    training seed and every job on this data validates on the same images."""
+    generator = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * val_size / len(labels)
+    quota = exact.floor().long()
+    remainders = exact - quota
+    extra = val_size - int(quota.sum())
+    order = sorted(range(len(classes)), key=lambda i: (-float(remainders[i]), i))
+    for i in order[:extra]:
+        quota[i] += 1
+    held_out = []
+    for cls, take in zip(classes.tolist(), quota.tolist()):
+        members = torch.nonzero(labels == cls).flatten()
+        held_out.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    held = torch.cat(held_out).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held] = False
+    return torch.nonzero(mask).flatten(), held
 
 
 # --- CIFAR-10 and CIFAR-100 ----------------------------------------------------------------
@@ -266,7 +316,7 @@ def _class_names(folder: Path, release: CifarRelease, num_classes: int) -> tuple
 
 def load_cifar(release: CifarRelease, root: str, download: bool, verify: bool, num_classes: int,
                limit_train: Optional[int], limit_test: Optional[int], mean: Sequence[float],
-               std: Sequence[float], augment: bool = False) -> ImageData:
+               std: Sequence[float], augment: bool = False, val_size: int = 0, val_seed: int = 0) -> ImageData:
     """A CIFAR python release (`CIFAR10` or `CIFAR100`) from `root/<release.folder>`, downloading
     it with torchvision if allowed and files are missing.
 
@@ -303,25 +353,29 @@ def load_cifar(release: CifarRelease, root: str, download: bool, verify: bool, n
         return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
     return _image_data(release.name, read(release.train_files), read([release.test_file]), classes,
-                       limit_train, limit_test, mean, std, augment)
+                       limit_train, limit_test, mean, std, augment, val_size, val_seed)
 
 
 def load_cifar10(root: str = "data", download: bool = True, verify: bool = True, num_classes: int = 10,
                  limit_train: Optional[int] = None, limit_test: Optional[int] = None,
                  mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 std: Sequence[float] = (0.229, 0.224, 0.225), augment: bool = False) -> ImageData:
+                 std: Sequence[float] = (0.229, 0.224, 0.225), augment: bool = False,
+                 val_size: int = 0, val_seed: int = 0) -> ImageData:
     """CIFAR-10 from `root/cifar-10-batches-py` (see `load_cifar`); class names from
     batches.meta when present, else the official ones."""
-    return load_cifar(CIFAR10, root, download, verify, num_classes, limit_train, limit_test, mean, std, augment)
+    return load_cifar(CIFAR10, root, download, verify, num_classes, limit_train, limit_test, mean, std, augment,
+                      val_size, val_seed)
 
 
 def load_cifar100(root: str = "data", download: bool = True, verify: bool = True, num_classes: int = 100,
                   limit_train: Optional[int] = None, limit_test: Optional[int] = None,
                   mean: Sequence[float] = (0.5071, 0.4865, 0.4409),
-                  std: Sequence[float] = (0.2673, 0.2564, 0.2762), augment: bool = False) -> ImageData:
+                  std: Sequence[float] = (0.2673, 0.2564, 0.2762), augment: bool = False,
+                  val_size: int = 0, val_seed: int = 0) -> ImageData:
     """CIFAR-100 from `root/cifar-100-python/{train,test,meta}` (see `load_cifar`): the 100 fine
     labels, class names from meta's fine_label_names."""
-    return load_cifar(CIFAR100, root, download, verify, num_classes, limit_train, limit_test, mean, std, augment)
+    return load_cifar(CIFAR100, root, download, verify, num_classes, limit_train, limit_test, mean, std, augment,
+                      val_size, val_seed)
 
 
 # --- synthetic --------------------------------------------------------------------------------
@@ -330,7 +384,8 @@ def make_synthetic(num_train: int = 2000, num_test: int = 500, num_classes: int 
                    noise: float = 2.5, seed: int = 0,
                    limit_train: Optional[int] = None, limit_test: Optional[int] = None,
                    mean: Sequence[float] = (0.485, 0.456, 0.406),
-                   std: Sequence[float] = (0.229, 0.224, 0.225), augment: bool = False) -> ImageData:
+                   std: Sequence[float] = (0.229, 0.224, 0.225), augment: bool = False,
+                   val_size: int = 0, val_seed: int = 0) -> ImageData:
     """A small offline CIFAR-shaped dataset that a CNN can learn, for demos and tests.
 
     Each class has a smooth random colour pattern (8x8 noise upsampled to 32x32); an image is its
@@ -358,7 +413,7 @@ def make_synthetic(num_train: int = 2000, num_test: int = 500, num_classes: int 
 
     classes = tuple(f"pattern_{index}" for index in range(num_classes))
     return _image_data("synthetic", sample(num_train), sample(num_test), classes,
-                       limit_train, limit_test, mean, std, augment)
+                       limit_train, limit_test, mean, std, augment, val_size, val_seed)
 
 
 # --- batches ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from kdresearch.data import (Batches, batch_indices, check_class_count, check_limit, check_normalisation,
-                             check_num_classes)
+                             check_num_classes, check_val_size, stratified_holdout)
 from kdresearch.errors import KDResearchError
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ class ImageFolderData:
     std: tuple[float, ...]
     augment: bool = False
     num_workers: int = 2
+    val_files: Optional[list[Path]] = None  # data.val_size files held out of the training set
+    val_labels: Optional[torch.Tensor] = None
     _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -109,10 +111,15 @@ class ImageFolderData:
     def train_size(self) -> int:
         return len(self.train_labels)
 
+    @property
+    def has_validation(self) -> bool:
+        return self.val_labels is not None
+
     def batches(self, split: str, batch_size: int, device: torch.device,
                 generator: Optional[torch.Generator] = None, channels_last: bool = False,
                 augment: bool = False, shard: tuple[int, int] = (0, 1)) -> StreamingBatches:
-        files, labels = (self.train_files, self.train_labels) if split == "train" else (self.test_files, self.test_labels)
+        files, labels = {"train": (self.train_files, self.train_labels), "val": (self.val_files, self.val_labels),
+                         "test": (self.test_files, self.test_labels)}[split]
         return StreamingBatches(ImageFiles(files), labels, self, batch_size, device, generator,
                                 channels_last, augment, shard)
 
@@ -122,7 +129,8 @@ class ImageFolderData:
         if self._fingerprint is None:
             log.info("hashing the %d files of %s", len(self.train_files) + len(self.test_files), self.root)
             digest = hashlib.sha256()
-            for files, labels in ((self.train_files, self.train_labels), (self.test_files, self.test_labels)):
+            for files, labels in ((self.train_files, self.train_labels), (self.val_files or [], self.val_labels),
+                                  (self.test_files, self.test_labels)):
                 for path, label in zip(files, labels.tolist()):
                     digest.update(f"{path.relative_to(self.root)}|{label}|".encode())
                     digest.update(path.read_bytes())
@@ -148,7 +156,8 @@ def _list_split(folder: Path, classes: Sequence[str]) -> tuple[list[Path], torch
 def load_image_folder(root: Optional[str] = None, num_classes: int = 10, num_workers: int = 2,
                       augment: bool = False, limit_train: Optional[int] = None, limit_test: Optional[int] = None,
                       mean: Sequence[float] = (0.485, 0.456, 0.406),
-                      std: Sequence[float] = (0.229, 0.224, 0.225)) -> ImageFolderData:
+                      std: Sequence[float] = (0.229, 0.224, 0.225), val_size: int = 0,
+                      val_seed: int = 0) -> ImageFolderData:
     """`<root>/train/<class>/*` and `<root>/test/<class>/*`, read per batch (see the module docstring);
     train/ must hold `num_classes` class folders."""
     if not root:
@@ -168,6 +177,13 @@ def load_image_folder(root: Optional[str] = None, num_classes: int = 10, num_wor
     test_files, test_labels = _list_split(folder / "test", classes)
     limit_train = check_limit(limit_train, "limit_train") or len(train_files)
     limit_test = check_limit(limit_test, "limit_test") or len(test_files)
-    return ImageFolderData("image_folder", folder, train_files[:limit_train], train_labels[:limit_train],
+    train_files, train_labels = train_files[:limit_train], train_labels[:limit_train]
+    val_files = val_labels = None
+    if check_val_size(val_size, len(train_labels)):
+        kept, held_out = stratified_holdout(train_labels, val_size, val_seed)
+        val_files, val_labels = [train_files[i] for i in held_out.tolist()], train_labels[held_out]
+        train_files, train_labels = [train_files[i] for i in kept.tolist()], train_labels[kept]
+    return ImageFolderData("image_folder", folder, train_files, train_labels,
                            test_files[:limit_test], test_labels[:limit_test], classes,
-                           tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(augment), num_workers)
+                           tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(augment), num_workers,
+                           val_files, val_labels)

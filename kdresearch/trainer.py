@@ -1,6 +1,6 @@
 """One training job, top to bottom: seed, data, models, loss, optimizer, then train/evaluate/log
-per epoch. `run(cfg)` is what `train.py` calls; it returns the final test accuracy so that a Hydra
-sweeper can optimise it.
+per epoch. `run(cfg)` is what `train.py` calls; it returns the final validation accuracy (test
+accuracy when there is no validation split) so that a Hydra sweeper can optimise it.
 """
 
 from __future__ import annotations
@@ -43,16 +43,18 @@ class JobResult:
     run_id: str
     test_acc: float
     checkpoint: Path
+    objective: float  # what a sweeper optimises: the last val/acc with data.val_size > 0, else test/acc
 
 
 def run(cfg: DictConfig, output_dir: Optional[Path] = None) -> float:
-    """Train one job; `output_dir` defaults to Hydra's job folder. Returns the final test accuracy."""
+    """Train one job; `output_dir` defaults to Hydra's job folder. Returns the last epoch's val/acc
+    with data.val_size > 0 (a search must not select on the test set), else its test/acc."""
     if output_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
         output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return run_job(cfg, Path(output_dir), overrides=_hydra_overrides(), sweep=_hydra_sweep()).test_acc
+        return run_job(cfg, Path(output_dir), overrides=_hydra_overrides(), sweep=_hydra_sweep()).objective
     finally:
         distributed.shutdown()
 
@@ -253,6 +255,9 @@ class Job:
                                                channels_last=cfg.device.channels_last, augment=self.data.augment,
                                                shard=(world.rank, world.size))
         self.test_batches = self.data.batches("test", 256, self.device, channels_last=cfg.device.channels_last)
+        self.val_batches = (self.data.batches("val", 256, self.device, channels_last=cfg.device.channels_last)
+                            if self.data.has_validation else None)
+        self.best: dict[str, float] = {}  # best/val_acc, best/epoch, best/test_acc: the epoch chosen on validation
 
     def locate_resume_point(self) -> None:
         # Rank 0 may need MLflow to find the job folder; the others follow its answer.
@@ -308,6 +313,7 @@ class Job:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.loss_fn.load_state_dict(checkpoint["loss"])
         restore_rng(checkpoint["rng"], {"data_order": self.data_order})
+        self.best = {key: value for key, value in checkpoint["metrics"].items() if key.startswith("best/")}
         return checkpoint["epoch"] + 1
 
     # --- tracking -------------------------------------------------------------------------------
@@ -379,6 +385,8 @@ class Job:
                 "test/acc": test_acc, "test/loss": test_loss, "lr": lr, "epoch_seconds": epoch_seconds,
                 "first_layer_norm": first_layer_norm(self.student),
             })
+            if self.val_batches is not None:
+                metrics.update(self.validate(epoch, test_acc))
             # The checkpoint (holding this epoch's metrics) goes first: a kill between the two
             # writes is repaired on resume by log_metrics_once.
             state = self.checkpoint_state(tracked.run_id, epoch, metrics)
@@ -389,6 +397,14 @@ class Job:
             log.info("epoch %d/%d  train/loss %.4f  test/acc %.2f%%  test/loss %.4f  lr %.4g  %.1fs",
                      epoch, cfg.epochs, metrics["train/loss"], test_acc, test_loss, lr, epoch_seconds)
         return state
+
+    def validate(self, epoch: int, test_acc: float) -> dict:
+        """val/acc and val/loss of this epoch, and the best epoch so far chosen on val/acc (ties:
+        the earlier epoch) with the test accuracy of that same epoch: the honest figure to report."""
+        val_acc, val_loss = evaluate(self.student, self.val_batches, self.device, self.cfg.device.precision)
+        if not self.best or val_acc > self.best["best/val_acc"]:
+            self.best = {"best/val_acc": val_acc, "best/epoch": float(epoch), "best/test_acc": test_acc}
+        return {"val/acc": val_acc, "val/loss": val_loss, **self.best}
 
     def checkpoint_state(self, run_id: str, epoch: int, metrics: dict) -> dict:
         return {
@@ -425,10 +441,16 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
         state = job.train(tracked, first_epoch)
         final = job.finish(tracked, state)
     if not job.world.is_main:
-        return JobResult("", float("nan"), final)
-    test_acc = state["metrics"]["test/acc"]
-    log.info("finished %s: test/acc %.2f%% (run %s)", run_name(cfg), test_acc, tracked.run_id)
-    return JobResult(tracked.run_id, test_acc, final)
+        return JobResult("", float("nan"), final, float("nan"))
+    metrics = state["metrics"]
+    test_acc = metrics["test/acc"]
+    if "best/epoch" in metrics:
+        log.info("finished %s: test/acc %.2f%%; best epoch on validation %d (val/acc %.2f%%, test/acc %.2f%%) "
+                 "(run %s)", run_name(cfg), test_acc, metrics["best/epoch"], metrics["best/val_acc"],
+                 metrics["best/test_acc"], tracked.run_id)
+    else:
+        log.info("finished %s: test/acc %.2f%% (run %s)", run_name(cfg), test_acc, tracked.run_id)
+    return JobResult(tracked.run_id, test_acc, final, metrics.get("val/acc", test_acc))
 
 
 def _hydra_overrides() -> list[str]:

@@ -33,7 +33,7 @@ from conftest import FAST
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = REPO_ROOT / "conf"
-SMALL = ["data=synthetic", *FAST, "epochs=2", "device=cpu"]
+SMALL = ["data=synthetic", *FAST, "epochs=2", "teacher.epochs=2", "device=cpu"]  # the deep run is the teacher
 JOBS = {  # key: (overrides, sweep tag)
     "teacher": (["model=deep"], "sweep-a"),
     "ce42": (["loss=ce"], "sweep-a"),
