@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 SUMMARY_ROLE = "summary"
 ARTIFACT_DIR = "comparison"  # where the summary run keeps comparison.md / .csv / .png
-HISTORY_KEYS = ("test/acc", "train/loss", "first_layer_norm", "epoch_seconds")
+HISTORY_KEYS = ("test/acc", "train/loss", "first_layer_norm", "epoch_seconds", "best/test_acc")
+NOT_HYPERPARAMETERS = ("name", "_target_")  # loss.* params that name the loss rather than tune it
 MAX_RUNS = 50_000  # MLflow's cap on one search
 
 INIT_NORM_TOLERANCE = 1e-6
@@ -55,9 +56,7 @@ class RunRecord:
     model: str
     loss: str
     seed: Optional[int]
-    T: Optional[float]
-    ce_weight: Optional[float]
-    distill_weight: Optional[float]
+    hyperparameters: dict[str, str]  # the loss's params (`loss.T` -> "T": "2"), as MLflow holds them
     parameter_count: Optional[int]
     identity: tuple  # equal for runs of one configuration (any seed)
     context: tuple  # (data fingerprint, epochs): runs comparable with one baseline
@@ -83,8 +82,15 @@ class RunRecord:
 
     @property
     def best_acc(self) -> Optional[float]:
+        """The maximum test/acc over epochs: an epoch selected on the test set (optimistic)."""
         values = self._values("test/acc")
         return max(value for _, value in values) if values else None
+
+    @property
+    def best_val_test_acc(self) -> Optional[float]:
+        """test/acc of the epoch chosen on validation (data.val_size > 0), as of the last epoch."""
+        values = self._values("best/test_acc")
+        return values[-1][1] if values else None
 
     @property
     def train_seconds(self) -> Optional[float]:
@@ -119,9 +125,8 @@ def read_run(client, run) -> RunRecord:
         model=tags.get("model", params.get("model.name", "")),
         loss=tags.get("loss", params.get("loss.name", "")),
         seed=_number(params.get("seed"), int),
-        T=_number(params.get("loss.T")),
-        ce_weight=_number(params.get("loss.ce_weight")),
-        distill_weight=_number(params.get("loss.distill_weight")),
+        hyperparameters={key[len("loss."):]: value for key, value in params.items()
+                         if key.startswith("loss.") and key[len("loss."):] not in NOT_HYPERPARAMETERS},
         parameter_count=_number(params.get("parameter_count"), int),
         identity=_identity(params, tags),
         context=(tags.get("data_fingerprint", ""), params.get("epochs", "")),
@@ -327,33 +332,39 @@ def _chosen_baseline(configurations: dict[tuple, list[RunRecord]], labels: dict[
 
 # --- outputs ---------------------------------------------------------------------------------------
 
-COLUMNS = ("run", "model", "loss", "T", "weights CE/distill", "params", "seeds", "init norm", "final norm",
-           "final test/acc %", "best test/acc %", "Δ vs student CE", "train time s", "note")
+STAT_COLUMNS = (("init norm", "init_norm", 4), ("final norm", "final_norm", 4),
+                ("last-epoch test/acc %", "final_acc", 2), ("test/acc % at best-val epoch", "best_val_test_acc", 2),
+                ("max test/acc % (epoch chosen on test)", "best_acc", 2))
 
 
-def _weights(run: RunRecord) -> str:
-    if run.ce_weight is None and run.distill_weight is None:
-        return "—"
-    return f"{run.ce_weight:g}/{run.distill_weight:g}" if None not in (run.ce_weight, run.distill_weight) else "—"
+def varying_hyperparameters(rows: Sequence["Row"]) -> list[str]:
+    """The loss hyperparameters whose values differ between rows (absent counts as a value)."""
+    keys = sorted({key for row in rows for key in row.first.hyperparameters})
+    return [key for key in keys if len({row.first.hyperparameters.get(key) for row in rows}) > 1]
 
 
-def table_cells(row: Row) -> list[str]:
+def columns(rows: Sequence["Row"]) -> list[str]:
+    return ["run", "model", "loss", *(f"loss.{key}" for key in varying_hyperparameters(rows)), "params", "seeds",
+            *(title for title, _, _ in STAT_COLUMNS), "Δ vs student CE", "train time s", "note"]
+
+
+def table_cells(row: Row, hyperparameters: Sequence[str]) -> list[str]:
     run = row.first
     return [
-        row.label, run.model, run.loss, "—" if run.T is None else f"{run.T:g}", _weights(run),
+        row.label, run.model, run.loss, *(run.hyperparameters.get(key, "—") for key in hyperparameters),
         "—" if run.parameter_count is None else f"{run.parameter_count:,}",
         " ".join(str(seed) for seed in row.seeds) or "—",
-        row.stat("init_norm").format(4), row.stat("final_norm").format(4),
-        row.stat("final_acc").format(2), row.stat("best_acc").format(2),
+        *(row.stat(attribute).format(digits) for _, attribute, digits in STAT_COLUMNS),
         "—" if row.delta is None else f"{row.delta:+.2f}",
         row.stat("train_seconds").format(1), row.note,
     ]
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    titles, hyperparameters = columns(rows), varying_hyperparameters(rows)
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in rows:
-        cells = [cell.replace("|", "\\|") for cell in table_cells(row)]
+        cells = [cell.replace("|", "\\|") for cell in table_cells(row, hyperparameters)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -362,7 +373,9 @@ def _footnote(rows: Sequence[Row]) -> str:
     multi = any(len(row.runs) > 1 for row in rows)
     baselines = sorted({row.baseline_label for row in rows if row.baseline_label})
     parts = [
-        "test/acc in percent at the last epoch (final) and its maximum over epochs (best)",
+        "test/acc in percent at the last epoch, at the epoch chosen on validation (data.val_size > 0; "
+        "— without a validation split), and its maximum over epochs (an epoch chosen on the test set: optimistic)",
+        "loss.* columns: the loss hyperparameters that differ between rows",
         "init/final norm: first_layer_norm at step 0 and at the last epoch",
         "train time: sum of epoch_seconds",
         f"baseline: {', '.join(baselines) if baselines else 'none (no student trained with CE)'}",
@@ -379,9 +392,10 @@ def write_markdown(rows: Sequence[Row], path: Path, title: str) -> Path:
 
 def write_csv(rows: Sequence[Row], path: Path) -> Path:
     """Machine-readable: full-precision numbers, means and stds in their own columns."""
-    header = ["run", "run_ids", "model", "loss", "role", "T", "ce_weight", "distill_weight", "parameter_count",
-              "seeds", "n"]
-    stats = ("init_norm", "final_norm", "final_acc", "best_acc", "train_seconds")
+    hyperparameters = sorted({key for row in rows for key in row.first.hyperparameters})
+    header = ["run", "run_ids", "model", "loss", "role", *(f"loss.{key}" for key in hyperparameters),
+              "parameter_count", "seeds", "n"]
+    stats = ("init_norm", "final_norm", "final_acc", "best_val_test_acc", "best_acc", "train_seconds")
     for name in stats:
         header += [f"{name}_mean", f"{name}_std"]
     header += ["delta_vs_baseline", "baseline", "unfair_init", "note"]
@@ -394,8 +408,8 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
         writer.writerow(header)
         for row in rows:
             run = row.first
-            values = [row.label, " ".join(r.run_id for r in row.runs), run.model, run.loss, run.role, run.T,
-                      run.ce_weight, run.distill_weight, run.parameter_count,
+            values = [row.label, " ".join(r.run_id for r in row.runs), run.model, run.loss, run.role,
+                      *(run.hyperparameters.get(key) for key in hyperparameters), run.parameter_count,
                       " ".join(str(seed) for seed in row.seeds), len(row.runs)]
             for name in stats:
                 stat = row.stat(name)

@@ -121,9 +121,16 @@ def test_table_values_equal_what_mlflow_holds(compared):
 
 def test_hyperparameter_columns(compared):
     kd = _row(compared, "kd42")
-    assert (kd.first.T, kd.first.ce_weight, kd.first.distill_weight) == (2.0, 0.75, 0.25)
-    cells = dict(zip(("run", "model", "loss", "T", "weights"), markdown_table([kd]).splitlines()[2].split(" | ")))
-    assert cells["T"] == "2" and cells["weights"] == "0.75/0.25"
+    assert {key: kd.first.hyperparameters[key] for key in ("T", "ce_weight", "distill_weight")} == {
+        "T": "2", "ce_weight": "0.75", "distill_weight": "0.25"}
+    # Columns: every loss.* key that differs between the rows (multimargin's p, margin, weight; kd's T, ...).
+    rows = [kd, _row(compared, "mm7")]
+    header, _, first = markdown_table(rows).splitlines()[:3]
+    titles = [cell.strip() for cell in header.strip("| ").split(" | ")]
+    assert {"loss.T", "loss.ce_weight", "loss.distill_weight", "loss.p", "loss.margin"} <= set(titles)
+    cells = dict(zip(titles, (cell.strip() for cell in first.strip("| ").split(" | "))))
+    assert cells["loss.T"] == "2" and cells["loss.distill_weight"] == "0.25" and cells["loss.p"] == "—"
+    assert "loss.T" not in markdown_table([kd]).splitlines()[0]  # one row: nothing varies
     assert _row(compared, "teacher").first.parameter_count == 1_186_986
     assert kd.first.parameter_count == 267_738
 
@@ -207,7 +214,7 @@ def test_selection(compared):
 
 def _record(run_id, name, seed, start, acc, init=2.3274, loss="ce", role="student", identity=(("loss", "ce"),)):
     return RunRecord(run_id=run_id, name=name, start_time=start, role=role, model="light", loss=loss, seed=seed,
-                     T=None, ce_weight=None, distill_weight=None, parameter_count=1, identity=identity,
+                     hyperparameters={}, parameter_count=1, identity=identity,
                      context=("data", "1"), history={"test/acc": [(1, acc)], "first_layer_norm": [(0, init)]})
 
 
@@ -324,3 +331,13 @@ def test_mlflow_ui_lists_runs_and_comparison(compared, tmp_path):
             server.wait()
     assert (tmp_path / "mlflow-runs.png").stat().st_size > 10_000
     assert (tmp_path / "mlflow-comparison.png").stat().st_size > 10_000
+
+
+def test_test_accuracy_at_the_best_validation_epoch_has_its_own_column():
+    record = _record("a" * 32, "light-ce", 42, 1, 50.0)
+    record.history["best/test_acc"] = [(1, 48.0), (2, 51.5)]  # as of each epoch: the last one counts
+    (row,) = build_rows([record])
+    assert row.stat("best_val_test_acc").mean == 51.5
+    header, _, line = markdown_table([row]).splitlines()[:3]
+    assert "test/acc % at best-val epoch" in header and "| 51.50 |" in line
+    assert "max test/acc % (epoch chosen on test)" in header  # best-on-test only under a name that says so
