@@ -42,6 +42,12 @@ TUTORIAL_JOBS = (
     TutorialJob("student-cosine", ("loss=cosine",)),
     TutorialJob("student-regressor", ("loss=regressor",)),
 )
+# The tutorial trains its teacher with the students' own settings: the automatic teacher's recipe
+# (teacher.*, fixed values by default so that student sweeps share one teacher) follows every
+# override given to the reproduction, so the students find the reproduction's teacher run.
+TUTORIAL_TEACHER_RECIPE = ("teacher.epochs=${epochs}", "teacher.batch_size=${batch_size}",
+                           "teacher.optimizer=${optimizer}", "teacher.scheduler=${scheduler}",
+                           "teacher.augment=${data.augment}")
 RUN_LINE = re.compile(r"MLflow run ([0-9a-f]{32})\b")
 
 
@@ -81,7 +87,7 @@ def plan(overrides: Sequence[str], seeds: Sequence[int] = (), group: str = "outp
             if reuse_teacher and job.label == "teacher":
                 continue
             folder = f"{group}/{job.label}" + ("" if seed is None else f"-seed{seed}")
-            command = [sys.executable, str(PROJECT_ROOT / "train.py"), *job.overrides,
+            command = [sys.executable, str(PROJECT_ROOT / "train.py"), *job.overrides, *TUTORIAL_TEACHER_RECIPE,
                        *([] if seed is None else [f"seed={seed}"]), f"hydra.run.dir={folder}", *extra]
             jobs.append(PlannedJob(job.label, seed, command))
     return jobs

@@ -44,7 +44,9 @@ EXPERIMENT = "kdresearch"
 
 # A job long enough to be killed between epochs 2 and 4, short enough to run often. The
 # uninterrupted baseline, the killed jobs and their continuations all use exactly these.
-RESUMABLE = ("debug=tiny", "epochs=4", "data.limit_train=1024", "checkpoint.keep_last=2")
+# SGD with a multistep schedule (lr x0.1 after epochs 2 and 3), so a kill lands mid-schedule.
+RESUMABLE = ("debug=tiny", "epochs=4", "data.limit_train=1024", "checkpoint.keep_last=2", "optimizer=sgd",
+             "optimizer.lr=0.02", "scheduler=multistep", "scheduler.milestones=[2,3]")
 TINY = FAST
 
 
@@ -344,7 +346,7 @@ def test_sigterm_ends_run_killed_and_resume_with_other_overrides_is_refused(tmp_
     other = [o.replace("epochs=4", "epochs=5") for o in RESUMABLE] + ["optimizer.lr=0.01"]
     refused = Job(store, "refused", *other, f"resume={job.run_dir}")
     refused.wait()
-    line = assert_clean_error(refused, "resume:", "epochs: 4 -> 5", "optimizer.lr: 0.001 -> 0.01")
+    line = assert_clean_error(refused, "resume:", "epochs: 4 -> 5", "optimizer.lr: 0.02 -> 0.01")
     assert "overrides" in line
     assert only_run(store).info.status == "KILLED"  # untouched by the refused attempt
 
@@ -429,12 +431,21 @@ def test_resume_locate_skips_unloadable_checkpoints(tmp_path):
     assert not marker.exists()
 
 
-def test_check_same_job_ignores_only_free_keys():
-    config = {"seed": 42, "epochs": 4, "quiet": False, "resume": None, "optimizer": {"lr": 0.001}}
-    saved = {"config": OmegaConf.to_yaml(OmegaConf.create(config))}
-    resume.check_same_job(saved, {**config, "quiet": True, "resume": "/some/folder"})
+def test_check_same_job_compares_the_training_identity():
+    """Where and how a job runs may change on resume (tracking, progress bars, device switches,
+    the data's path); what it trains may not (kdresearch.identity)."""
+    from kdresearch.identity import training_identity
+
+    config = {"seed": 42, "epochs": 4, "quiet": False, "resume": None, "optimizer.lr": 0.001,
+              "data.root": "data", "device.channels_last": True, "tracking.uri": "sqlite:///a.db"}
+    saved = {"identity": training_identity(config, "fingerprint", with_teacher=False)}
+    moved = {**config, "quiet": True, "resume": "/some/folder", "data.root": "/elsewhere",
+             "device.channels_last": False, "tracking.uri": "sqlite:///b.db"}
+    resume.check_same_job(saved, training_identity(moved, "fingerprint", with_teacher=False))
     with pytest.raises(KDResearchError, match=r"optimizer\.lr: 0\.001 -> 0\.01"):
-        resume.check_same_job(saved, {**config, "optimizer": {"lr": 0.01}})
+        resume.check_same_job(saved, training_identity({**config, "optimizer.lr": 0.01}, "fingerprint", False))
+    with pytest.raises(KDResearchError, match=r"data\.fingerprint: 'fingerprint' -> 'other data'"):
+        resume.check_same_job(saved, training_identity(config, "other data", with_teacher=False))
 
 
 # --- 1. atomic checkpoints --------------------------------------------------------------------

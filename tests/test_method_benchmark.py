@@ -1,0 +1,72 @@
+"""The method benchmark: per pair and seed the student alone and each method, one teacher per seed,
+a table in the field's layout (rows methods, columns pairs) with numbers read back from MLflow."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import kdresearch.method_benchmark as method_benchmark
+from kdresearch.errors import KDResearchError
+from kdresearch.tracking import metric_history
+from kdresearch.trainer import run_job
+
+from conftest import CONF_DIR, mlflow_client, tracking_uri
+
+PAIR = "cifar100_res56_res20"
+# The pair's models on tiny synthetic data; one epoch for student and teacher.
+TINY = ["data=synthetic", "debug=tiny", "data.limit_train=128", "data.limit_test=64", "device=cpu"]
+
+
+def test_plan_orders_student_alone_then_methods_per_seed():
+    jobs = method_benchmark.plan([PAIR], ["kd", "kd loss.standardize=true"], [1, 2], ["epochs=3"], "out/b")
+    assert [(job.label, job.seed) for job in jobs] == [
+        (f"{PAIR}|{method}", seed) for seed in (1, 2) for method in ("ce", "kd", "kd loss.standardize=true")]
+    command = jobs[2].command
+    assert command[2:5] == [f"experiment={PAIR}", "loss=kd", "loss.standardize=true"]
+    assert command[-1] == "epochs=3"  # user overrides last: they win over the preset
+    with pytest.raises(KDResearchError, match="not an experiment preset"):
+        method_benchmark.plan(["nope"], ["kd"], [1], [], "out")
+
+
+@pytest.mark.slow  # six resnet56/resnet20 jobs: about a minute on an idle 2-core machine
+def test_benchmark_table_holds_mlflow_numbers(tmp_path, monkeypatch):
+    overrides = [*TINY, f"tracking.uri={tracking_uri(tmp_path)}", f"cache.dir={tmp_path / 'cache'}"]
+
+    def run_in_process(job, index, total):
+        job_overrides = [item for item in job.command[2:] if not item.startswith("hydra.")]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=job_overrides)
+        job.run_ids.append(run_job(cfg, tmp_path / f"{index}").run_id)
+        return job.run_ids
+
+    monkeypatch.setattr(method_benchmark, "run_job", run_in_process)
+    result = method_benchmark.benchmark([PAIR], ["kd", "dkd"], [1, 2], overrides, out=tmp_path / "bench")
+    client = mlflow_client(tmp_path)
+    table = result.table
+    assert table.methods == ["teacher", "ce", "kd", "dkd"] and table.pairs == [PAIR]
+
+    def last_acc(run_id):
+        return metric_history(client, run_id, ["test/acc"])["test/acc"][-1][1]
+
+    for job in result.jobs:
+        assert client.get_run(job.run_ids[-1]).data.tags["sweep"] == str(tmp_path / "bench")
+    for method in ("ce", "kd", "dkd"):
+        accs = [last_acc(job.run_ids[-1]) for job in result.jobs if job.label == f"{PAIR}|{method}"]
+        cell = table.cells[(method, PAIR)]
+        assert cell.last.n == 2 and cell.last.mean == pytest.approx(statistics.fmean(accs))
+        assert cell.last.std == pytest.approx(statistics.stdev(accs))
+    # One teacher per seed, shared by that seed's methods.
+    teachers = {job.seed: {client.get_run(job.run_ids[-1]).data.tags["teacher_run_id"]}
+                for job in result.jobs if not job.label.endswith("|ce")}
+    assert len({next(iter(t)) for t in teachers.values()}) == 2
+    assert table.cells[("teacher", PAIR)].last.n == 2
+    # Published figures from the cited file, with our difference.
+    kd = table.cells[("kd", PAIR)]
+    assert kd.published == 70.66 and kd.source == "repdistiller"
+    assert f"pub. 70.66, {kd.last.mean - 70.66:+.2f}" in table.markdown()
+    assert Path(result.markdown_path).read_text().count(f"| {PAIR} |") == 1
+    assert client.get_run(result.summary_run_id).data.tags["role"] == "summary"
