@@ -346,3 +346,24 @@ def test_more_bad_input_fails_cleanly(tmp_path, case):
     overrides, message = MORE_BAD_INPUTS[case]
     done = run_train(tmp_path, *FAST, *(o.format(**files) for o in overrides))
     assert_clean_failure(done, message.format(**files), tmp_path)
+
+
+def test_student_sweeps_reuse_one_teacher_trained_with_its_own_recipe(tmp_path):
+    """The automatic teacher trains with teacher.* (its own recipe): students that differ in their
+    optimizer, lr, schedule, epochs or loss share it; a change of the teacher's recipe trains another."""
+    students = [("loss=kd",), ("loss=kd", "optimizer=sgd", "optimizer.lr=0.02", "scheduler=cosine"),
+                ("loss=cosine", "epochs=2")]
+    for overrides in students:
+        check_ok(run_train(tmp_path, *FAST, *overrides))
+    client = mlflow_client(tmp_path)
+    teachers = [run for run in experiment_runs(client) if run.info.run_name == "deep-ce"]
+    assert len(teachers) == 1
+    teacher = teachers[0]
+    assert (teacher.data.params["epochs"], teacher.data.params["optimizer.name"]) == ("1", "adam")
+    assert teacher.data.params["scheduler.name"] == "constant"
+    students_runs = [run for run in experiment_runs(client) if run.data.tags["role"] == "student"]
+    assert {run.data.tags["teacher_run_id"] for run in students_runs} == {teacher.info.run_id}
+
+    check_ok(run_train(tmp_path, *FAST, "loss=kd", "teacher.optimizer.lr=0.002"))
+    teachers = [run for run in experiment_runs(client) if run.info.run_name == "deep-ce"]
+    assert len(teachers) == 2 and teachers[-1].data.params["optimizer.lr"] == "0.002"

@@ -1,0 +1,65 @@
+"""Every distillation method as a job on a benchmark pair (resnet14 -> resnet8, synthetic data):
+it trains, logs its loss parts, and a continuation from its epoch-1 checkpoint ends with the
+weights, metrics and loss state (connectors, heads, memory banks) of the uninterrupted job."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from kdresearch.checkpoint import load_checkpoint
+from kdresearch.trainer import run_job
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PAIR = ["model=resnet8", "teacher=resnet14", "data=synthetic", "data.num_train=256", "data.num_test=64",
+        "quiet=true", "device=cpu", "epochs=2", "batch_size=64", "teacher.epochs=1", "teacher.batch_size=64",
+        "optimizer=sgd", "optimizer.lr=0.05", "scheduler=multistep", "scheduler.milestones=[1]"]
+METHODS = {  # loss overrides -> the loss part it must log
+    "fitnet": (["loss=fitnet"], "fitnet"),
+    "at": (["loss=at"], "at"),
+    "dkd": (["loss=dkd", "loss.warmup=2"], "dkd"),
+    "dist": (["loss=dist"], "dist"),
+    "kd-standardized": (["loss=kd", "loss.standardize=true"], "kd"),
+    "crd": (["loss=crd", "loss.nce_k=32", "loss.kd_weight=0.5"], "crd"),
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("methods")  # one store: the teacher is trained once, then reused
+
+
+def compose_job(store: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[*PAIR, f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
+                                            f"cache.dir={store / 'cache'}", *overrides])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_trains_and_resumes_exactly(store, method):
+    overrides, part = METHODS[method]
+    job = run_job(compose_job(store, *overrides), store / method)
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    run = client.get_run(job.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["teacher_cache"] == "used"
+    assert {f"train/{part}", "train/ce", "test/acc"} <= set(run.data.metrics)
+
+    interrupted = store / f"{method}-interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    shutil.copy(store / method / "checkpoints" / "epoch_0001.pt", interrupted / "checkpoints")
+    resumed = run_job(compose_job(store, *overrides, f"resume={interrupted}"), store / "unused")
+    done, again = load_checkpoint(job.checkpoint), load_checkpoint(resumed.checkpoint)
+    for section in ("model", "loss"):
+        assert done[section].keys() == again[section].keys()
+        for key, tensor in done[section].items():
+            assert torch.equal(tensor, again[section][key]), f"{section}.{key}"
+    drop = {"epoch_seconds"}
+    assert {k: v for k, v in done["metrics"].items() if k not in drop} == {
+        k: v for k, v in again["metrics"].items() if k not in drop}
+    deep_runs = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_name == "resnet14-ce"]
+    assert len(deep_runs) == 1  # every method reused the one teacher
