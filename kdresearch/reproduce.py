@@ -87,8 +87,9 @@ def plan(overrides: Sequence[str], seeds: Sequence[int] = (), group: str = "outp
             if reuse_teacher and job.label == "teacher":
                 continue
             folder = f"{group}/{job.label}" + ("" if seed is None else f"-seed{seed}")
-            command = [sys.executable, str(PROJECT_ROOT / "train.py"), *job.overrides, *TUTORIAL_TEACHER_RECIPE,
-                       *([] if seed is None else [f"seed={seed}"]), f"hydra.run.dir={folder}", *extra]
+            command = [sys.executable, str(PROJECT_ROOT / "train.py"), *job.overrides,
+                       *([] if seed is None else [f"seed={seed}"]), f"hydra.run.dir={folder}",
+                       *TUTORIAL_TEACHER_RECIPE, *extra]
             jobs.append(PlannedJob(job.label, seed, command))
     return jobs
 

@@ -129,8 +129,10 @@ class ImageFolderData:
         if self._fingerprint is None:
             log.info("hashing the %d files of %s", len(self.train_files) + len(self.test_files), self.root)
             digest = hashlib.sha256()
-            for files, labels in ((self.train_files, self.train_labels), (self.val_files or [], self.val_labels),
-                                  (self.test_files, self.test_labels)):
+            splits = [(self.train_files, self.train_labels), (self.test_files, self.test_labels)]
+            if self.has_validation:
+                splits.insert(1, (self.val_files, self.val_labels))
+            for files, labels in splits:
                 for path, label in zip(files, labels.tolist()):
                     digest.update(f"{path.relative_to(self.root)}|{label}|".encode())
                     digest.update(path.read_bytes())
