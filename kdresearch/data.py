@@ -50,8 +50,29 @@ class Dataset(Protocol):
         """A re-iterable of (normalised images, labels, sample index) with len() = batches per pass."""
 
 
+class LabelledSplits:
+    """Sizes every dataset derives from its class names and label tensors."""
+
+    classes: tuple[str, ...]
+    train_labels: torch.Tensor
+    val_labels: Optional[torch.Tensor]
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes the labels index (the loaders check labels against it)."""
+        return len(self.classes)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def has_validation(self) -> bool:
+        return self.val_labels is not None
+
+
 @dataclass
-class ImageData:
+class ImageData(LabelledSplits):
     """A labelled image-classification dataset in memory, plus how to normalise it."""
 
     name: str
@@ -66,19 +87,6 @@ class ImageData:
     val_images: Optional[torch.Tensor] = None  # data.val_size images held out of the training set
     val_labels: Optional[torch.Tensor] = None
     _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
-
-    @property
-    def num_classes(self) -> int:
-        """How many classes the labels index (the loaders check labels against it)."""
-        return len(self.classes)
-
-    @property
-    def train_size(self) -> int:
-        return len(self.train_labels)
-
-    @property
-    def has_validation(self) -> bool:
-        return self.val_labels is not None
 
     def fingerprint(self) -> str:
         """Content hash of images, labels and normalisation: identifies the data a model saw.

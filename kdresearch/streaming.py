@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from kdresearch.data import (Batches, batch_indices, check_class_count, check_limit, check_normalisation,
+from kdresearch.data import (Batches, LabelledSplits, batch_indices, check_class_count, check_limit, check_normalisation,
                              check_num_classes, check_val_size, stratified_holdout)
 from kdresearch.errors import KDResearchError
 
@@ -84,7 +84,7 @@ class StreamingBatches(Batches):
 
 
 @dataclass
-class ImageFolderData:
+class ImageFolderData(LabelledSplits):
     """An image-classification dataset as files on disk (see the module docstring)."""
 
     name: str
@@ -101,19 +101,6 @@ class ImageFolderData:
     val_files: Optional[list[Path]] = None  # data.val_size files held out of the training set
     val_labels: Optional[torch.Tensor] = None
     _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
-
-    @property
-    def num_classes(self) -> int:
-        """How many classes the labels index: the number of class folders."""
-        return len(self.classes)
-
-    @property
-    def train_size(self) -> int:
-        return len(self.train_labels)
-
-    @property
-    def has_validation(self) -> bool:
-        return self.val_labels is not None
 
     def batches(self, split: str, batch_size: int, device: torch.device,
                 generator: Optional[torch.Generator] = None, channels_last: bool = False,
