@@ -25,20 +25,31 @@ run the same architecture from the same initial weights, on the same device, in 
   same options), inside `torch.autocast(dtype=torch.bfloat16)` for bf16. Nothing else: no
   `.item()`, no per-batch normalisation, no loss module.
 
-Both loops first run `--warmup` steps untimed; then each measurement trains on `--images` images
-(rounded down to whole batches of 64; by default a per-model count of about 4-5 s of fp32 training
-on a 2-core CPU, see DEFAULT_IMAGES) and is timed with time.perf_counter (CUDA is synchronised
-before the clock stops). Measurements are interleaved, ours, bare, ours, bare, ... `--repeats`
-times, so that the load of other processes on this shared machine falls on both alike.
+Timing: both loops first train `--warmup` steps untimed (oneDNN/cuDNN pick and cache their
+kernels then). Each of `--repeats` measurements then trains each loop on `--images` images (whole
+batches of 64; by default a per-model count worth about 4 s of fp32 per loop on an idle 2-core
+CPU, see DEFAULT_IMAGES), timed with time.perf_counter (CUDA synchronised at every clock read).
+The two loops take turns of `--chunk` steps: ours trains `chunk` steps (train_one_epoch over the
+next `chunk` batches of the project's running batch iterator; one iterator, i.e. one permutation,
+per measurement, like an epoch), then bare trains `chunk` steps, and so on; each loop's time is
+the sum of its turns. Turns of one step (the CPU default) make every load spike of other
+processes on a shared machine fall on both loops alike: on this 2-core machine, with the test
+suite running alongside, whole-measurement timings of one model varied 5x between repeats while
+the ours/bare ratio of step-by-step turns stayed within a few percent of 1. `--chunk 0` times
+one train_one_epoch call over the whole measurement, then bare's whole pass (the CUDA default,
+where a per-turn synchronisation would hide what bare gains from never synchronising; each of
+ours' steps synchronises through `.item()`).
 
-How to read the table: `ours` and `bare` are the medians over the repeats of images/s; `spread` is
-(max - min) / median of each side's repeats, the noise of the measurement; `ratio` is median ours /
-median bare (1.00: the project's machinery costs nothing; 0.80: ours trains 20 % slower);
-`within 10 %` is "yes" when ours is at most 10 % slower than bare (ratio >= 0.90). A ratio below
-0.90 with small spreads is a real overhead of the project's step; with spreads of 10 % or more,
-rerun with more `--repeats` / `--images`. bf16 runs only where it is supported: CUDA devices that
-report bf16 support, and CPUs with AVX512-BF16 or AMX-BF16 (conf/device/auto.yaml's rule; the
-flag is read from /proc/cpuinfo); elsewhere the row says "bf16: not supported here".
+How to read the table: `ours` and `bare` are the medians over the repeats of images/s, `spread`
+each side's (max - min) / median over the repeats (how much the machine's load varied). `ratio`
+is the median over the repeats of ours / bare, both measured in the same repeat (1.00: the
+project's machinery costs nothing; 0.80: ours trains 20 % slower); `ratios` is their range, the
+noise of the comparison itself. `within 10 %` is "yes" when ratio >= 0.90, i.e. ours is at most
+10 % slower than bare. A large spread with narrow ratios means a loaded machine but a sound
+comparison; wide ratios call for more `--repeats` or `--images`. bf16 runs only where it is
+supported: CUDA devices that report bf16 support, and CPUs with AVX512-BF16 or AMX-BF16
+(conf/device/auto.yaml's rule; kdresearch.devices has no query of its own; the flags are read
+from /proc/cpuinfo); elsewhere the row says "bf16: not supported here".
 
     python scripts/benchmark_models.py                         # all five models, fp32 + bf16
     python scripts/benchmark_models.py --quick                 # smoke run: few images, one repeat
@@ -49,6 +60,7 @@ flag is read from /proc/cpuinfo); elsewhere the row says "bf16: not supported he
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -70,9 +82,10 @@ from kdresearch.data import make_synthetic  # noqa: E402
 from kdresearch.trainer import build, seed_everything, train_one_epoch  # noqa: E402
 
 DEFAULT_MODELS = ("resnet20", "resnet8x4", "resnet32x4", "wrn_40_2", "ShuffleV2")
-# Images per measurement when --images is not given: each about 4-5 s of fp32 training on a 2-core
-# AVX-512 CPU (resnet32x4 trains ~14 img/s there, resnet20 ~450), so that the default run of all
-# five models, both precisions and 3 repeats takes about 7 minutes. Other models: 512.
+# Images per measurement when --images is not given: each about 4 s of fp32 training per loop on an
+# idle 2-core AVX-512 CPU (resnet32x4 trains ~31 img/s there, wrn_40_2 ~88, resnet8x4 ~170,
+# ShuffleV2 ~210, resnet20 ~560), so that the default run (five models, fp32 and bf16, 3 repeats)
+# takes about 6 minutes there; other load on the machine stretches it. Other models: 512.
 DEFAULT_IMAGES = {"resnet20": 2048, "resnet8x4": 640, "resnet32x4": 128, "wrn_40_2": 384, "ShuffleV2": 768}
 QUICK_IMAGES = 128
 BATCH_SIZE = 64
@@ -155,7 +168,7 @@ class Ours:
     """The project's objects, made as Job.build makes them, and its train_one_epoch."""
 
     def __init__(self, cfg: DictConfig, data, device: torch.device, seed: int):
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.data = cfg, device, data
         seed_everything(seed)
         self.model = build(cfg.model, "model")
         self.initial_state = {key: value.clone() for key, value in self.model.state_dict().items()}
@@ -163,39 +176,48 @@ class Ours:
         self.loss_fn.bind(self.model, None, train_size=data.train_size)
         self.model.to(device, memory_format=torch.channels_last)
         self.loss_fn.to(device)
-        self.optimizer = build(cfg.optimizer, "optimizer", list(self.model.parameters()) + list(self.loss_fn.parameters()))
-        self.data = data
-        self.order = torch.Generator().manual_seed(seed)
-        self.epoch = 0
+        self.optimizer = build(cfg.optimizer, "optimizer",
+                               itertools.chain(self.model.parameters(), self.loss_fn.parameters()))
+        self.order = torch.Generator().manual_seed(seed)  # the job's data_order
 
-    def batches(self, data):
-        return data.batches("train", self.cfg.batch_size, self.device, generator=self.order,
-                            channels_last=self.cfg.device.channels_last, augment=False)
+    def batches(self, data=None):
+        """The project's batch iterator over `data` (default: the measurement data), as Job.build makes it."""
+        return (self.data if data is None else data).batches(
+            "train", self.cfg.batch_size, self.device, generator=self.order,
+            channels_last=self.cfg.device.channels_last, augment=False)
 
-    def run(self, data=None) -> None:
-        """One pass of train_one_epoch over `data` (default: the measurement data)."""
-        self.epoch += 1
-        cfg = self.cfg
-        train_one_epoch(self.model, self.loss_fn, self.loss_fn, None, self.optimizer, self.batches(self.data if data is None else data),
-                        1, cfg, self.device)
+    def train(self, batches) -> None:
+        train_one_epoch(self.model, self.loss_fn, self.loss_fn, None, self.optimizer, batches, 1, self.cfg, self.device)
+
+
+class Take:
+    """The next `count` batches of a running batch iterator, as a sized iterable for train_one_epoch."""
+
+    def __init__(self, iterator, count: int):
+        self.iterator, self.count = iterator, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        return itertools.islice(self.iterator, self.count)
 
 
 class Bare:
     """model(x), F.cross_entropy, zero_grad, backward, step on batches already in memory."""
 
-    def __init__(self, cfg: DictConfig, initial_state: dict, batches: list, device: torch.device, precision: str):
+    def __init__(self, cfg: DictConfig, initial_state: dict, device: torch.device, precision: str):
         self.model = build(cfg.model, "model")  # a fresh instance of the same architecture ...
         self.model.load_state_dict(initial_state)  # ... with ours' initial weights
         self.model.to(device, memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        self.batches = batches
         self.device = device
         self.dtype = devices.PRECISIONS[precision]
 
-    def run(self, batches=None) -> None:
+    def train(self, batches) -> None:
         model, optimizer = self.model, self.optimizer
         model.train()
-        for images, labels in batches if batches is not None else self.batches:
+        for images, labels in batches:
             if self.dtype is None:
                 loss = F.cross_entropy(model(images), labels)
             else:
@@ -206,12 +228,12 @@ class Bare:
             optimizer.step()
 
 
-def timed(fn, device: torch.device, images: int) -> float:
+def seconds(fn, device: torch.device) -> float:
     synchronize(device)
     start = time.perf_counter()
     fn()
     synchronize(device)
-    return images / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 def images_per_measurement(model: str, args) -> int:
@@ -223,40 +245,51 @@ def images_per_measurement(model: str, args) -> int:
 def measure(model: str, precision: str, device: torch.device, args) -> tuple[list[float], list[float]]:
     """(ours img/s per repeat, bare img/s per repeat) for one model and precision."""
     images = images_per_measurement(model, args)
-    warm_images = args.warmup * BATCH_SIZE
+    steps = images // BATCH_SIZE
+    chunk = steps if args.chunk <= 0 else min(args.chunk, steps)
     cfg = compose_config(model, device, precision, images, args.bar)
-    # The project's in-memory synthetic data (CIFAR-shaped uint8 images), with conf/data/synthetic's
-    # normalisation: one set for the warm-up steps, one for the measurements.
+    # The project's in-memory synthetic data (CIFAR-shaped uint8 images, conf/data/synthetic's
+    # normalisation): one set for the measurements, one for the warm-up steps.
     data = synthetic(cfg, images, seed=0)
-    warm = synthetic(cfg, warm_images, seed=1) if warm_images else None
+    warm = synthetic(cfg, args.warmup * BATCH_SIZE, seed=1) if args.warmup else None
 
     ours = Ours(cfg, data, device, args.seed)
-    # Bare's batches: the same images, normalised once by the project's own iterator, kept in memory.
+    bare = Bare(cfg, ours.initial_state, device, precision)
+    # Bare's batches: the same images, normalised once (by the project's own iterator), in memory.
     made = torch.Generator().manual_seed(args.seed)
 
     def prepared(part):
         return [(x.clone(), y.clone()) for x, y, _ in part.batches("train", BATCH_SIZE, device, generator=made,
                                                                    channels_last=True)]
 
-    bare = Bare(cfg, ours.initial_state, prepared(data), device, precision)
-    if warm_images:
-        ours.run(warm)
-        bare.run(prepared(warm))
-    synchronize(device)
+    bare_batches = prepared(data)
+    if warm is not None:
+        ours.train(ours.batches(warm))
+        bare.train(prepared(warm))
 
     ours_rates, bare_rates = [], []
     for _ in range(args.repeats):
-        ours_rates.append(timed(ours.run, device, images))
-        bare_rates.append(timed(bare.run, device, images))
+        epoch = ours.batches()  # one pass over the measurement data: a fresh permutation, as each epoch
+        if chunk == steps:  # one call per measurement: train_one_epoch over the iterator itself
+            ours_time = seconds(lambda: ours.train(epoch), device)
+            bare_time = seconds(lambda: bare.train(bare_batches), device)
+        else:  # turns of `chunk` steps, ours then bare, through the measurement
+            running, ours_time, bare_time = iter(epoch), 0.0, 0.0
+            for first in range(0, steps, chunk):
+                count = min(chunk, steps - first)
+                ours_time += seconds(lambda: ours.train(Take(running, count)), device)
+                bare_time += seconds(lambda: bare.train(bare_batches[first:first + count]), device)
+        ours_rates.append(images / ours_time)
+        bare_rates.append(images / bare_time)
     return ours_rates, bare_rates
 
 
 # --- report -------------------------------------------------------------------------------------
 
-def spread(rates: list[float]) -> str:
-    if len(rates) < 2:
+def spread(values: list[float]) -> str:
+    if len(values) < 2:
         return "-"
-    return f"{100 * (max(rates) - min(rates)) / statistics.median(rates):.0f}%"
+    return f"{100 * (max(values) - min(values)) / statistics.median(values):.0f}%"
 
 
 def main(argv=None) -> int:
@@ -272,6 +305,10 @@ def main(argv=None) -> int:
                              ", ".join(f"{k} {v}" for k, v in DEFAULT_IMAGES.items()) + f"; others 512); --quick {QUICK_IMAGES}")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per loop first; default 2, --quick 1")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved measurements per loop; default 3, --quick 1")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="steps per turn: each measurement alternates `chunk` steps of ours and of bare "
+                             "(0: one train_one_epoch call over the whole measurement, then bare's); "
+                             "default 1 on CPU, 0 on CUDA")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bar", action="store_true", help="ours shows its tqdm bar (quiet=false, a job's default)")
@@ -291,6 +328,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     device = devices.resolve_device(args.device)
+    if args.chunk is None:
+        args.chunk = 1 if device.type == "cpu" else 0
     # What Job.__init__ sets for every job, process-wide (so for both loops).
     devices.set_deterministic(False)
     freed = devices.keep_freed_memory(True)
@@ -300,11 +339,14 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__} | threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})"
           f" | device {device_name(device)} | CPU {cpu_model()} ({os.cpu_count()} logical cores)")
     print(f"batch {BATCH_SIZE}, {NUM_CLASSES} classes, channels_last, SGD lr {LR} momentum {MOMENTUM} wd {WEIGHT_DECAY}"
-          f" | images per measurement: {per_model} | {args.warmup} warm-up steps, {args.repeats} repeats interleaved"
           f" | bf16: {'yes' if bf16_ok else 'no'} ({bf16_why}) | keep_freed_memory {'on' if freed else 'off'}"
           f" | ours' bar {'on' if args.bar else 'off (quiet=true)'}")
+    turns = (f"alternating {args.chunk} step{'s' if args.chunk > 1 else ''} of ours and of bare" if args.chunk > 0
+             else "ours then bare, one call each")
+    print(f"images per measurement: {per_model} | {args.warmup} warm-up steps per loop | {args.repeats} repeats,"
+          f" each measuring both loops {turns}")
     header = f"{'model':<11} {'precision':<9} {'ours img/s':>10} {'spread':>6} {'bare img/s':>10} {'spread':>6} " \
-             f"{'ratio':>6}  within 10 %"
+             f"{'ratio':>6} {'ratios':>11}  within 10 %"
     print(header)
     print("-" * len(header))
     failures = []
@@ -315,15 +357,17 @@ def main(argv=None) -> int:
                 print(f"{model:<11} {precision:<9} bf16: not supported here", flush=True)
                 continue
             ours_rates, bare_rates = measure(model, precision, device, args)
-            ours, bare = statistics.median(ours_rates), statistics.median(bare_rates)
-            ratio = ours / bare
+            ratios = [o / b for o, b in zip(ours_rates, bare_rates)]
+            ratio = statistics.median(ratios)
             within = ratio >= 1 - TOLERANCE
             if not within:
                 failures.append(f"{model} {precision}")
-            print(f"{model:<11} {precision:<9} {ours:>10.1f} {spread(ours_rates):>6} {bare:>10.1f} "
-                  f"{spread(bare_rates):>6} {ratio:>6.2f}  {'yes' if within else 'no'}", flush=True)
-    print(f"({time.perf_counter() - started:.0f} s; ratio = median ours / median bare; "
-          f"'within 10 %': ours >= {1 - TOLERANCE:.2f} x bare)")
+            print(f"{model:<11} {precision:<9} {statistics.median(ours_rates):>10.1f} {spread(ours_rates):>6} "
+                  f"{statistics.median(bare_rates):>10.1f} {spread(bare_rates):>6} {ratio:>6.2f} "
+                  f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>11}  {'yes' if within else 'no'}", flush=True)
+    print(f"({time.perf_counter() - started:.0f} s. img/s: median over repeats; spread: (max - min) / median; "
+          f"ratio: median over repeats of ours / bare, ratios: their range; "
+          f"within 10 %: ratio >= {1 - TOLERANCE:.2f})")
     if failures:
         print("ours more than 10 % slower than bare: " + ", ".join(failures))
     return 0

@@ -29,6 +29,15 @@ METHODS = {  # loss overrides -> the loss part it must log
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small batches: a second thread only spins on 2 shared cores. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("methods")  # one store: the teacher is trained once, then reused
