@@ -32,24 +32,31 @@ CPU, see DEFAULT_IMAGES), timed with time.perf_counter (CUDA synchronised at eve
 The two loops take turns of `--chunk` steps: ours trains `chunk` steps (train_one_epoch over the
 next `chunk` batches of the project's running batch iterator; one iterator, i.e. one permutation,
 per measurement, like an epoch), then bare trains `chunk` steps, and so on; each loop's time is
-the sum of its turns. Turns of one step (the CPU default) make every load spike of other
-processes on a shared machine fall on both loops alike: on this 2-core machine, with the test
-suite running alongside, whole-measurement timings of one model varied 5x between repeats while
-the ours/bare ratio of step-by-step turns stayed within a few percent of 1. `--chunk 0` times
+the sum of its turns. Turns of one step (the CPU default) let a shared machine's load fall on both
+loops alike: on this 2-core CPU, with other training jobs running alongside, ShuffleV2's bf16
+steps took anything from 1.2 to 8.7 s (0.4 s idle), yet the median ours/bare ratio of adjacent
+steps was 0.995, while whole-measurement ratios of other models swung from 0.44 to 2.7. `--chunk 0` times
 one train_one_epoch call over the whole measurement, then bare's whole pass (the CUDA default,
 where a per-turn synchronisation would hide what bare gains from never synchronising; each of
 ours' steps synchronises through `.item()`).
 
 How to read the table: `ours` and `bare` are the medians over the repeats of images/s, `spread`
 each side's (max - min) / median over the repeats (how much the machine's load varied). `ratio`
-is the median over the repeats of ours / bare, both measured in the same repeat (1.00: the
-project's machinery costs nothing; 0.80: ours trains 20 % slower); `ratios` is their range, the
-noise of the comparison itself. `within 10 %` is "yes" when ratio >= 0.90, i.e. ours is at most
-10 % slower than bare. A large spread with narrow ratios means a loaded machine but a sound
-comparison; wide ratios call for more `--repeats` or `--images`. bf16 runs only where it is
-supported: CUDA devices that report bf16 support, and CPUs with AVX512-BF16 or AMX-BF16
-(conf/device/auto.yaml's rule; kdresearch.devices has no query of its own; the flags are read
-from /proc/cpuinfo); elsewhere the row says "bf16: not supported here".
+is ours' speed over bare's, the median over every turn of every repeat (with `--chunk 0`: over the
+repeats) of ours img/s / bare img/s in that turn: 1.00 means the project's machinery costs
+nothing, 0.80 that ours trains 20 % slower. The median of many adjacent pairs is what survives a
+loaded machine: a load spike slows one turn of one side, and moves the median little. `ratios`
+is the range over the repeats of each repeat's ours / bare (total images over total time of each
+side), the noise of a whole-measurement comparison. `within 10 %` is "yes" when ratio >= 0.90,
+i.e. ours at most 10 % slower than bare. On an idle machine spreads are a few percent and ratios
+close to ratio; wide ratios with a ratio near 1 mean a loaded machine, not an overhead; rerun with
+more `--repeats` or `--images` if in doubt.
+
+bf16 runs only where it is supported: CUDA devices that report bf16 support, and CPUs with
+AVX512-BF16 or AMX-BF16 (conf/device/auto.yaml's rule; kdresearch.devices has no query of its
+own; the flags are read from /proc/cpuinfo); elsewhere the row says "bf16: not supported here".
+The default run takes about 4 minutes on an idle 2-core AVX-512 CPU; other jobs on the machine
+stretch it (to 30 minutes and more with two other training processes on those 2 cores).
 
     python scripts/benchmark_models.py                         # all five models, fp32 + bf16
     python scripts/benchmark_models.py --quick                 # smoke run: few images, one repeat
@@ -85,7 +92,7 @@ DEFAULT_MODELS = ("resnet20", "resnet8x4", "resnet32x4", "wrn_40_2", "ShuffleV2"
 # Images per measurement when --images is not given: each about 4 s of fp32 training per loop on an
 # idle 2-core AVX-512 CPU (resnet32x4 trains ~31 img/s there, wrn_40_2 ~88, resnet8x4 ~170,
 # ShuffleV2 ~210, resnet20 ~560), so that the default run (five models, fp32 and bf16, 3 repeats)
-# takes about 6 minutes there; other load on the machine stretches it. Other models: 512.
+# takes about 4 minutes there; other load on the machine stretches it. Other models: 512.
 DEFAULT_IMAGES = {"resnet20": 2048, "resnet8x4": 640, "resnet32x4": 128, "wrn_40_2": 384, "ShuffleV2": 768}
 QUICK_IMAGES = 128
 BATCH_SIZE = 64
@@ -242,8 +249,8 @@ def images_per_measurement(model: str, args) -> int:
     return max(1, wanted // BATCH_SIZE) * BATCH_SIZE
 
 
-def measure(model: str, precision: str, device: torch.device, args) -> tuple[list[float], list[float]]:
-    """(ours img/s per repeat, bare img/s per repeat) for one model and precision."""
+def measure(model: str, precision: str, device: torch.device, args) -> tuple[list[float], list[float], list[float]]:
+    """(ours img/s per repeat, bare img/s per repeat, ours / bare per turn) for one model and precision."""
     images = images_per_measurement(model, args)
     steps = images // BATCH_SIZE
     chunk = steps if args.chunk <= 0 else min(args.chunk, steps)
@@ -267,21 +274,22 @@ def measure(model: str, precision: str, device: torch.device, args) -> tuple[lis
         ours.train(ours.batches(warm))
         bare.train(prepared(warm))
 
-    ours_rates, bare_rates = [], []
+    ours_rates, bare_rates, turn_ratios = [], [], []
     for _ in range(args.repeats):
         epoch = ours.batches()  # one pass over the measurement data: a fresh permutation, as each epoch
         if chunk == steps:  # one call per measurement: train_one_epoch over the iterator itself
-            ours_time = seconds(lambda: ours.train(epoch), device)
-            bare_time = seconds(lambda: bare.train(bare_batches), device)
+            ours_times = [seconds(lambda: ours.train(epoch), device)]
+            bare_times = [seconds(lambda: bare.train(bare_batches), device)]
         else:  # turns of `chunk` steps, ours then bare, through the measurement
-            running, ours_time, bare_time = iter(epoch), 0.0, 0.0
+            running, ours_times, bare_times = iter(epoch), [], []
             for first in range(0, steps, chunk):
                 count = min(chunk, steps - first)
-                ours_time += seconds(lambda: ours.train(Take(running, count)), device)
-                bare_time += seconds(lambda: bare.train(bare_batches[first:first + count]), device)
-        ours_rates.append(images / ours_time)
-        bare_rates.append(images / bare_time)
-    return ours_rates, bare_rates
+                ours_times.append(seconds(lambda: ours.train(Take(running, count)), device))
+                bare_times.append(seconds(lambda: bare.train(bare_batches[first:first + count]), device))
+        ours_rates.append(images / sum(ours_times))
+        bare_rates.append(images / sum(bare_times))
+        turn_ratios += [bare_time / ours_time for ours_time, bare_time in zip(ours_times, bare_times)]
+    return ours_rates, bare_rates, turn_ratios
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -301,7 +309,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--images", type=int, default=None,
                         help="images trained per measurement, rounded down to whole batches of 64; default: "
-                             "per model, about 4-5 s of fp32 on a 2-core CPU (" +
+                             "per model, about 4 s of fp32 per loop on an idle 2-core CPU (" +
                              ", ".join(f"{k} {v}" for k, v in DEFAULT_IMAGES.items()) + f"; others 512); --quick {QUICK_IMAGES}")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per loop first; default 2, --quick 1")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved measurements per loop; default 3, --quick 1")
@@ -356,9 +364,9 @@ def main(argv=None) -> int:
             if precision == "bf16" and not bf16_ok:
                 print(f"{model:<11} {precision:<9} bf16: not supported here", flush=True)
                 continue
-            ours_rates, bare_rates = measure(model, precision, device, args)
+            ours_rates, bare_rates, turn_ratios = measure(model, precision, device, args)
             ratios = [o / b for o, b in zip(ours_rates, bare_rates)]
-            ratio = statistics.median(ratios)
+            ratio = statistics.median(turn_ratios)
             within = ratio >= 1 - TOLERANCE
             if not within:
                 failures.append(f"{model} {precision}")
@@ -366,7 +374,7 @@ def main(argv=None) -> int:
                   f"{statistics.median(bare_rates):>10.1f} {spread(bare_rates):>6} {ratio:>6.2f} "
                   f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>11}  {'yes' if within else 'no'}", flush=True)
     print(f"({time.perf_counter() - started:.0f} s. img/s: median over repeats; spread: (max - min) / median; "
-          f"ratio: median over repeats of ours / bare, ratios: their range; "
+          f"ratio: median over all turns of ours img/s / bare img/s; ratios: range over repeats of ours / bare; "
           f"within 10 %: ratio >= {1 - TOLERANCE:.2f})")
     if failures:
         print("ours more than 10 % slower than bare: " + ", ".join(failures))
