@@ -104,6 +104,19 @@ def experiment_runs(client, experiment: str = EXPERIMENT, filter_string: str = "
     return sorted(runs, key=lambda run: run.info.start_time)
 
 
+@pytest.fixture(scope="module")
+def one_compute_thread():
+    """For modules of small in-process forward passes: intra-op threads gain nothing on tiny
+    batches, and on 2 shared cores their spin-waiting slows such tests several-fold. Restored
+    afterwards for the other modules. Use with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def store(tmp_path) -> Path:
     """A temporary folder holding one MLflow store (mlflow.db), job folders and artifacts."""

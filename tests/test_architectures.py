@@ -51,14 +51,7 @@ PUBLISHED_MILLIONS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches of 2 gain nothing from intra-op threads, and on a busy machine their spin-waiting
-    slows these tests several-fold; restored afterwards for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 def make(name: str, num_classes: int = 100) -> Network:

@@ -22,13 +22,7 @@ INCLUDED_ONLY = ("teacher_recipe",)
 SMALL_SYNTHETIC = ("data.num_train=64", "data.num_test=32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two-image forward passes: a second thread only spins on 2 shared cores (3x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 def group_options():

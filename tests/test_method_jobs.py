@@ -29,13 +29,7 @@ METHODS = {  # loss overrides -> the loss part it must log
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches: a second thread only spins on 2 shared cores. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 @pytest.fixture(scope="module")

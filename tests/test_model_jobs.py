@@ -32,17 +32,11 @@ def compose_job(store: Path, *overrides: str):
                                             f"cache.dir={store / 'cache'}", *overrides])
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny batches: a second thread only contends on 2 cores. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 @pytest.mark.parametrize("model", ZOO)
-def test_model_trains_logs_and_resumes(tmp_path, one_thread, model):
+def test_model_trains_logs_and_resumes(tmp_path, model):
     cfg = compose_job(tmp_path, f"model={model}")
     job = run_job(cfg, tmp_path / "job")
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(job.run_id)
