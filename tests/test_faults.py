@@ -1,4 +1,4 @@
-"""Fault tolerance (issue 5): resume after a kill, interrupts, divergence, untrusted checkpoint
+"""Fault tolerance: resume after a kill, interrupts, divergence, untrusted checkpoint
 files, tracking-server and SQLite faults, the determinism switch, and bounded disk use.
 
 Integration tests run real `python train.py` subprocesses from the repository root, each on an

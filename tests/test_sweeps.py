@@ -151,7 +151,7 @@ def run_grid_sweep(tmp_path: Path, temperatures: tuple, weights: tuple) -> None:
 
 
 def test_parallel_sweep_8_jobs_one_teacher(tmp_path):
-    """The issue's sweep: T=1,2,4,8 x loss.distill_weight=0.25,0.5 (~45-60 s on 2 busy cores)."""
+    """A sweep of 8 jobs: T=1,2,4,8 x loss.distill_weight=0.25,0.5 (~45-60 s on 2 busy cores)."""
     run_grid_sweep(tmp_path, (1, 2, 4, 8), (0.25, 0.5))
 
 
