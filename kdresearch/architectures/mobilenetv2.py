@@ -23,12 +23,12 @@ average-pooled output of the final 1x1 conv-BN-ReLU (1280 channels).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdresearch.architectures.initialisation import init_suite_weights
 from kdresearch.models import ModelOutputs, Network
 
 # (expansion, output channels before width scaling, blocks, first stride) per block group; the
@@ -101,16 +101,7 @@ class MobileNetV2(Network):
         self.conv2 = _conv_bn_relu(in_channels, self.embedding_dim, 1, stride=1)
         self.classifier = nn.Sequential(nn.Linear(self.embedding_dim, num_classes))
 
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_suite_weights(self, linear_std=0.01)
 
     def outputs(self, x: torch.Tensor) -> ModelOutputs:
         x = self.conv1(x)

@@ -23,13 +23,13 @@ mdistiller); block0 is the stem (feat[0]). The embedding is the average-pooled b
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdresearch.architectures.initialisation import init_suite_weights
 from kdresearch.models import ModelOutputs, Network
 
 # Output widths of the convs of block0 ... block4.
@@ -69,17 +69,7 @@ class VGG(Network):
             in_channels = block_widths[-1]
         self.classifier = nn.Linear(self.embedding_dim, num_classes)
 
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_suite_weights(self, linear_std=0.01)
 
     def outputs(self, x: torch.Tensor) -> ModelOutputs:
         pool_before_block4 = x.shape[2] == 64  # the suites' rule: keeps block4 at 4x4 for 64x64 inputs

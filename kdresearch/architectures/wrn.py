@@ -19,13 +19,13 @@ average-pooled relu(bn1(block3 output)) (the suites' feat[-1] / `pooled_feat`).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdresearch.architectures.initialisation import init_suite_weights
 from kdresearch.models import ModelOutputs, Network
 
 
@@ -89,15 +89,7 @@ class WideResNet(Network):
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
 
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        init_suite_weights(self)
 
     def outputs(self, x: torch.Tensor) -> ModelOutputs:
         x = self.conv1(x)
