@@ -70,8 +70,8 @@ class Cell:
         if self.at_best_val.mean is not None:
             text += f" / {self.at_best_val.format(2)}"
         if self.published is not None:
-            text += f" (pub. {self.published:.2f}, {self.last.mean - self.published:+.2f})" if self.last.mean \
-                is not None else f" (pub. {self.published:.2f})"
+            difference = "" if self.last.mean is None else f", {self.last.mean - self.published:+.2f}"
+            text += f" (pub. {self.published:.2f}{difference})"
         return text
 
 

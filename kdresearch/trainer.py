@@ -216,6 +216,7 @@ class Job:
         self.device = distributed.device_for(self.world, device)
         self.memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        self.name = run_name(cfg)  # reads the loss's config file: once per job
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if self.world.is_main else None
         self.resume_point: Optional[resume.ResumePoint] = None
         self.teacher_outputs = None
@@ -341,12 +342,12 @@ class Job:
             tags["sweep"] = sweep
         params = flatten({k: v for k, v in self.resolved.items() if k not in resume.FREE_KEYS})
         params["parameter_count"] = parameter_count(self.student)
-        return self.tracker.start_run(run_name(cfg), tags, params)
+        return self.tracker.start_run(self.name, tags, params)
 
     def log_start(self, tracked, first_epoch: int) -> None:
         if not self.world.is_main:
             return
-        log.info("MLflow run %s (%s) in %s, experiment %s", tracked.run_id, run_name(self.cfg), self.tracker.uri,
+        log.info("MLflow run %s (%s) in %s, experiment %s", tracked.run_id, self.name, self.tracker.uri,
                  self.cfg.tracking.experiment)
         if self.resume_point is None:
             tracked.log_text(OmegaConf.to_yaml(self.resolved), "config/config.yaml")
@@ -446,10 +447,10 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
     test_acc = metrics["test/acc"]
     if "best/epoch" in metrics:
         log.info("finished %s: test/acc %.2f%%; best epoch on validation %d (val/acc %.2f%%, test/acc %.2f%%) "
-                 "(run %s)", run_name(cfg), test_acc, metrics["best/epoch"], metrics["best/val_acc"],
+                 "(run %s)", job.name, test_acc, metrics["best/epoch"], metrics["best/val_acc"],
                  metrics["best/test_acc"], tracked.run_id)
     else:
-        log.info("finished %s: test/acc %.2f%% (run %s)", run_name(cfg), test_acc, tracked.run_id)
+        log.info("finished %s: test/acc %.2f%% (run %s)", job.name, test_acc, tracked.run_id)
     return JobResult(tracked.run_id, test_acc, final, metrics.get("val/acc", test_acc))
 
 
