@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(1)
     except KeyboardInterrupt:
         log.error("interrupted: the MLflow run is marked KILLED; the last epoch checkpoint is kept")
-        sys.exit(130)
+        sys.exit(interrupts.exit_status())
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ class LabelledSplits:
     classes: tuple[str, ...]
     train_labels: torch.Tensor
     val_labels: Optional[torch.Tensor]
+    test_labels: torch.Tensor
 
     @property
     def num_classes(self) -> int:
@@ -69,6 +70,14 @@ class LabelledSplits:
     @property
     def has_validation(self) -> bool:
         return self.val_labels is not None
+
+    def split_sizes(self) -> dict[str, int]:
+        """Images per split, named as MLflow's dataset contexts: train, validation (when held out), test."""
+        sizes = {"train": self.train_size}
+        if self.has_validation:
+            sizes["validation"] = len(self.val_labels)
+        sizes["test"] = len(self.test_labels)
+        return sizes
 
 
 @dataclass

@@ -34,3 +34,9 @@ def check() -> None:
     """Raise KeyboardInterrupt here if a stop was requested."""
     if _requested is not None:
         raise KeyboardInterrupt(f"signal {_requested}")
+
+
+def exit_status() -> int:
+    """The shell's convention for a process stopped by a signal: 128 + its number (SIGINT 130,
+    SIGTERM 143), so a scheduler sees why the job ended."""
+    return 128 + (_requested or signal.SIGINT)

@@ -9,7 +9,8 @@ per seed. Extra Hydra overrides go to every job, after the job's own, so they wi
 
 The runs are identified by the run ids their jobs print ("MLflow run <id> ..."), compared by id,
 and tagged afterwards with `sweep=<the reproduction's folder>` so that
-`scripts/compare.py --sweep <folder>` selects exactly this reproduction again.
+`scripts/compare.py --sweep <folder>` selects exactly this reproduction again. They are the child
+runs of one parent run (kdresearch.parent_runs, role=reproduction) that holds the comparison.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Optional, Sequence
 
 from kdresearch.compare import Comparison, compare
 from kdresearch.errors import KDResearchError
+from kdresearch.parent_runs import close_parent, end_if_open, open_parent, override_params
 from kdresearch.tracking import PROJECT_ROOT, Tracker, TrackedRun
 
 
@@ -128,7 +130,8 @@ class Reproduction:
 
 def reproduce(overrides: Sequence[str], seeds: Sequence[int] = (), out: Optional[Path] = None,
               reuse_teacher: bool = False, log_summary: bool = True, dry_run: bool = False) -> Reproduction:
-    """Run the tutorial's jobs, tag their runs `sweep=<group>` and compare them."""
+    """Run the tutorial's jobs as children of one parent run (none with `log_summary=False`), tag
+    their runs `sweep=<group>` and compare them; the parent holds the comparison."""
     stamp = f"{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
     group = str(out) if out is not None else f"outputs/reproduce/{stamp}"
     jobs = plan(overrides, seeds, group, reuse_teacher)
@@ -139,12 +142,22 @@ def reproduce(overrides: Sequence[str], seeds: Sequence[int] = (), out: Optional
 
     tracker = Tracker(override_value(overrides, "tracking.uri"),
                       override_value(overrides, "tracking.experiment") or "kdresearch")
+    parent = None
+    if log_summary:
+        parent = open_parent(tracker, Path(group), f"reproduce-{stamp}",
+                             {"role": "reproduction", "sweep_dir": group, "overrides": " ".join(overrides)},
+                             {**override_params(overrides), "seeds": " ".join(map(str, seeds))})
     created: list[str] = []
-    for index, job in enumerate(jobs, start=1):
-        new = [run_id for run_id in run_job(job, index, len(jobs)) if run_id not in created]
-        for run_id in new:
-            TrackedRun(tracker, run_id).set_tags({"sweep": group})
-        created += new
+    try:
+        for index, job in enumerate(jobs, start=1):
+            new = [run_id for run_id in run_job(job, index, len(jobs)) if run_id not in created]
+            for run_id in new:
+                TrackedRun(tracker, run_id).set_tags({"sweep": group})
+            created += new
+    except BaseException:
+        if parent:
+            end_if_open(tracker, parent)
+        raise
 
     warnings, compared = [], list(created)
     by_seed: dict[Optional[int], str] = {job.seed: job.run_ids[-1] for job in jobs if job.label == "teacher"}
@@ -160,12 +173,11 @@ def reproduce(overrides: Sequence[str], seeds: Sequence[int] = (), out: Optional
         if used != expected:
             warnings.append(f"{job.title} used teacher run {used}, not this reproduction's {expected}")
 
-    comparison = compare(
-        tracker, [tracker.client.get_run(run_id) for run_id in compared], Path(group) / "comparison",
-        name=f"comparison-reproduce-{stamp}", log_summary=log_summary,
-        selection={"reproduction": group, "overrides": " ".join(overrides),
-                   "seeds": " ".join(map(str, seeds))},
-    )
+    comparison = compare(tracker, [tracker.client.get_run(run_id) for run_id in compared],
+                         Path(group) / "comparison", name=f"comparison-reproduce-{stamp}", log_summary=False)
+    if parent:
+        close_parent(tracker, parent, Path(group), comparison.name, comparison=comparison)
+        comparison.summary_run_id = parent
     again = ["python", "scripts/compare.py", "--sweep", group]
     if override_value(overrides, "tracking.uri"):
         again += ["--tracking-uri", tracker.uri]

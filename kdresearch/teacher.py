@@ -24,7 +24,6 @@ from kdresearch.checkpoint import load_checkpoint, model_state
 from kdresearch.errors import KDResearchError
 from kdresearch.identity import config_identity, identity_hash
 from kdresearch.models import model_name
-from kdresearch.tracking import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, t
 
     job = teacher_job_config(cfg)
     wanted = training_config_hash(job, data_fingerprint)
-    with FileLock(tracker.lock_dir / f"teacher-{wanted}.lock"):
+    with tracker.lock(f"teacher-{wanted}.lock"):
         found = tracker.find_runs(
             f"tags.config_hash = '{wanted}' and attributes.status = 'FINISHED'", max_results=1
         )

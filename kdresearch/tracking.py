@@ -1,21 +1,26 @@
 """Everything the project says to MLflow goes through this module.
 
-One `TrackedRun` per job: params (the flattened resolved config), tags, per-epoch metrics logged
-in one batch per epoch (single `log_metric` calls cost ~20 ms each on SQLite), files as
-artifacts, and an end status that is never left RUNNING: FINISHED, FAILED on an error, KILLED on
-Ctrl-C.
+One `TrackedRun` per job: params (the flattened resolved config), tags (the job's own and the
+lineage of kdresearch.lineage), the data as dataset inputs, per-epoch metrics logged in one batch
+per epoch (single `log_metric` calls cost ~20 ms each on SQLite), files as artifacts, the final
+model as an MLflow model, and an end status that is never left RUNNING: FINISHED, FAILED on an
+error, KILLED on Ctrl-C.
 """
 
 from __future__ import annotations
 
-import fcntl
+import json
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
+
+from filelock import FileLock, Timeout
 
 from kdresearch.errors import KDResearchError
 
@@ -25,6 +30,15 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The experiment tag MLflow's UI reads to choose an experiment's landing page: without it, MLflow
+# 3 opens on the GenAI overview (traces, tokens); with this value, on the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# Stores MLflow can open; anything else (a typo such as htp://) gets one line instead of a traceback.
+KNOWN_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+# MLflow's own rule for param and metric names (mlflow.utils.validation), checked before a run exists.
+VALID_KEY = re.compile(r"^[/\w.\- :]*$")
+MAX_KEY_LENGTH = 250
+STORE_LOCK_SECONDS = 600  # creating a store's schema takes seconds; a longer wait means a stuck job
 
 
 def default_tracking_uri() -> str:
@@ -41,6 +55,44 @@ def _sqlite_path(uri: str) -> Optional[Path]:
     return Path(uri[len("sqlite:///"):])
 
 
+def check_uri(uri: str) -> None:
+    """One-line errors for a tracking URI MLflow cannot use, before any store is touched."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme not in KNOWN_SCHEMES:
+        raise KDResearchError(
+            f"tracking.uri={uri!r} is not a tracking store MLflow opens; use sqlite:////abs/path/mlflow.db, "
+            f"http://host:port, or leave it null for {default_tracking_uri()}"
+        )
+    path = _sqlite_path(uri)
+    if path is None:
+        return
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and not path.is_absolute():
+        path = Path.cwd() / path
+    existing = next((folder for folder in (path.parent, *path.parent.parents) if folder.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise KDResearchError(f"tracking.uri={uri}: {existing} is a file, so the store cannot be created under it")
+    if path.is_dir():
+        raise KDResearchError(f"tracking.uri={uri}: {path} is a folder; name a database file, e.g. {path}/mlflow.db")
+    writable = path if path.exists() else existing
+    if writable is not None and not os.access(writable, os.W_OK):
+        raise KDResearchError(f"tracking.uri={uri}: {writable} is not writable; choose another store path")
+
+
+def check_param_keys(keys: Iterable[str]) -> None:
+    """Config keys become MLflow params; refuse the ones MLflow would refuse, before a run exists."""
+    for key in keys:
+        if len(key) > MAX_KEY_LENGTH:
+            raise KDResearchError(
+                f"config key {key[:60]}... is {len(key)} characters; MLflow records keys of at most "
+                f"{MAX_KEY_LENGTH}: shorten it"
+            )
+        if not VALID_KEY.match(key):
+            raise KDResearchError(
+                f"config key {key!r} cannot be recorded in MLflow: keys may hold only letters, digits, "
+                f"'_', '-', '.', ' ', ':' and '/'; rename it"
+            )
+
+
 def _check_server(uri: str, timeout: float = 15.0) -> None:
     """Fail fast with one message when a tracking server is unreachable (MLflow would retry for minutes)."""
     try:
@@ -54,59 +106,88 @@ def _check_server(uri: str, timeout: float = 15.0) -> None:
         ) from None
 
 
-class FileLock:
-    """An exclusive lock across processes on this machine (fcntl), released on exit."""
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One split of the data as an MLflow dataset input (the runs table's Dataset column).
+    MLflow keeps one dataset per (name, digest) in an experiment, so the split is part of the
+    logged name (cifar10-train, cifar10-test); all splits share the digest."""
 
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> "FileLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "w")
-        fcntl.flock(self.handle, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
-
+    name: str       # the data's name, e.g. cifar10
+    digest: str     # the data fingerprint
+    source: str     # the data root, or `synthetic`
+    context: str    # train | validation | test
+    rows: int
+    num_classes: int
 
 class Tracker:
     """A connection to one MLflow store and experiment."""
 
     def __init__(self, uri: Optional[str], experiment: str):
         import mlflow
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.uri = uri or default_tracking_uri()
+        self.experiment_name = experiment
         self.mlflow = mlflow
+        check_uri(self.uri)
         db_path = _sqlite_path(self.uri)
         if self.uri.startswith(("http://", "https://")):
             _check_server(self.uri)
         mlflow.set_tracking_uri(self.uri)
         # Locks that jobs of one machine share (store creation, training a shared teacher once).
         self.lock_dir = (db_path.parent if db_path else Path.home() / ".cache" / "kdresearch") / ".locks"
-        if db_path is not None:
-            # Several jobs creating a fresh SQLite store at once race on its schema; one at a time.
-            db_path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(self.lock_dir / f"{db_path.name}.lock"):
-                self.client = MlflowClient(self.uri)  # creates and migrates a new store's schema
-                # Artifacts sit next to the database, not in ./mlruns of whichever folder a job runs in.
-                self.experiment_id = self._experiment_id(experiment, (db_path.parent / "mlartifacts").as_uri())
-        else:
-            self.client = MlflowClient(self.uri)
-            self.experiment_id = self._experiment_id(experiment, None)
+        try:
+            if db_path is not None:
+                # Several jobs creating a fresh SQLite store at once race on its schema; one at a time.
+                db_path.parent.mkdir(parents=True, exist_ok=True)
+                with self.lock(f"{db_path.name}.lock", STORE_LOCK_SECONDS):
+                    self.client = MlflowClient(self.uri)  # creates and migrates a new store's schema
+                    # Artifacts sit next to the database, not in ./mlruns of whichever folder a job runs in.
+                    self.experiment_id = self._experiment_id(experiment, (db_path.parent / "mlartifacts").as_uri())
+            else:
+                self.client = MlflowClient(self.uri)
+                self.experiment_id = self._experiment_id(experiment, None)
+        except MlflowException as error:
+            first_line = str(error.message).strip().splitlines()[0] if str(error.message).strip() else type(error)
+            raise KDResearchError(f"MLflow store {self.uri} cannot be used: {first_line}") from None
+
+    def lock(self, name: str, timeout: float = -1) -> FileLock:
+        """An exclusive lock shared by the jobs of this machine (filelock; timeout in seconds, -1: wait)."""
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        return _TimedLock(str(self.lock_dir / name), timeout=timeout)
 
     def _experiment_id(self, name: str, artifact_location: Optional[str]) -> str:
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        return self.client.create_experiment(name, artifact_location=artifact_location)
+        if found is None:
+            return self.client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+        if found.lifecycle_stage == "deleted":
+            raise KDResearchError(
+                f"experiment {name!r} is deleted in {self.uri}; restore it (mlflow experiments restore "
+                f"--experiment-id {found.experiment_id}) or choose another tracking.experiment"
+            )
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in found.tags:  # an experiment made by older code or by hand: open on its runs too
+                self.client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
-    def start_run(self, run_name: str, tags: Mapping[str, str], params: Mapping[str, object]) -> "TrackedRun":
+    def start_run(self, run_name: str, tags: Mapping[str, str], params: Mapping[str, object],
+                  parent_run_id: Optional[str] = None) -> "TrackedRun":
+        """A new run with `tags`, the lineage tags and `params`; a child of `parent_run_id` when given.
+        Params are checked first, so a bad key never leaves a run behind."""
+        from kdresearch import lineage
+
+        check_param_keys(params)
+        tags = {**lineage.lineage_tags(), **tags}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
         tracked = TrackedRun(self, run.info.run_id)
-        tracked.log_params(params)
+        with tracked.failing_on_error():
+            tracked.log_params(params)
+            git = lineage.git_state()
+            if git is not None and git.dirty:
+                tracked.log_text(git.diff, "lineage/git_diff.patch")
         return tracked
 
     def resume_run(self, run_id: str) -> "TrackedRun":
@@ -124,6 +205,19 @@ class Tracker:
         return Path(self.client.download_artifacts(run_id, artifact_path, str(destination)))
 
 
+class _TimedLock(FileLock):
+    """filelock's lock whose timeout becomes one line naming the lock file."""
+
+    def acquire(self, *args, **kwargs):
+        try:
+            return super().acquire(*args, **kwargs)
+        except Timeout:
+            raise KDResearchError(
+                f"waited {self.timeout:g} s for lock {self.lock_file}; another job holds it (or crashed "
+                f"holding it on a file system without locks): retry, or delete the file if no job runs"
+            ) from None
+
+
 class TrackedRun:
     """One MLflow run; use as a context manager so it always ends with the right status."""
 
@@ -131,6 +225,7 @@ class TrackedRun:
         self.tracker = tracker
         self.client = tracker.client
         self.run_id = run_id
+        self.system_metrics = None
 
     def log_params(self, params: Mapping[str, object]) -> None:
         from mlflow.entities import Param
@@ -164,8 +259,71 @@ class TrackedRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_datasets(self, datasets: Iterable[DatasetRecord]) -> None:
+        """The data as dataset inputs: MLflow's Dataset column and dataset filter read these."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for record in datasets:
+            local = record.source != "synthetic"
+            source = json.dumps({"uri": record.source} if local else {"tags": {"generator": "kdresearch.data.make_synthetic"}})
+            dataset = Dataset(
+                name=f"{record.name}-{record.context}", digest=record.digest, source_type="local" if local else "code", source=source,
+                schema=json.dumps({"images": "float32 [3, 32, 32] per sample", "labels": f"int64 in [0, {record.num_classes})"}),
+                profile=json.dumps({"num_rows": record.rows, "num_classes": record.num_classes}),
+            )
+            inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", record.context)]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_model(self, model, input_example, registered_model_name: Optional[str] = None):
+        """`model` as an MLflow model of this run (torch.export's pt2 format: a traced graph and
+        tensors, which loading does not unpickle) with its signature and `input_example`. With
+        `registered_model_name` it is also registered in the Model Registry; a registry that cannot
+        be reached costs a warning and a `registered_model_error` tag, never the run."""
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).numpy()
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        self.tracker.mlflow.set_experiment(experiment_id=experiment)  # the model entity's experiment
+        info = mlflow.pytorch.log_model(
+            model, name="model", run_id=self.run_id, serialization_format="pt2",
+            input_example=input_example, signature=infer_signature(input_example, output),
+            # The requirements MLflow would infer by importing and scanning cost seconds per run.
+            pip_requirements=[f"{name}=={version}" for name, version in _model_requirements().items()],
+        )
+        if registered_model_name:
+            try:
+                version = self.tracker.mlflow.register_model(info.model_uri, registered_model_name)
+                self.set_tags({"registered_model": f"{registered_model_name}/{version.version}"})
+            except Exception as error:  # the registry may live elsewhere (MLFLOW_REGISTRY_URI) and be down
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                log.warning("model not registered as %s: %s", registered_model_name, reason)
+                self.set_tags({"registered_model_error": reason[:5000]})
+        return info
+
+    def start_system_metrics(self) -> None:
+        """MLflow's own CPU / memory / GPU sampling for this run (system/* metrics), stopped when the
+        run ends; every 10 s unless MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise."""
+        from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        interval = MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10.0
+        self.system_metrics = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
+                                                   samples_before_logging=1, tracking_uri=self.tracker.uri)
+        self.system_metrics.start()
+
     def end(self, status: str) -> None:
+        if self.system_metrics is not None:
+            self.system_metrics.finish()
+            self.system_metrics = None
         self.client.set_terminated(self.run_id, status=status)
+
+    def failing_on_error(self) -> "TrackedRun":
+        """`with run.failing_on_error():` ends the run FAILED/KILLED if the block raises, else leaves it open."""
+        return _EndOnError(self)
 
     def __enter__(self) -> "TrackedRun":
         return self
@@ -185,6 +343,26 @@ class TrackedRun:
             except Exception as error:  # never hide the original error
                 log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, error)
         return False
+
+
+class _EndOnError:
+    def __init__(self, run: TrackedRun):
+        self.run = run
+
+    def __enter__(self) -> TrackedRun:
+        return self.run
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.run.__exit__(exc_type, exc, tb)
+        return False
+
+
+def _model_requirements() -> dict[str, str]:
+    from kdresearch.lineage import package_versions
+
+    versions = package_versions()
+    return {name: versions[name] for name in ("torch", "mlflow") if versions[name] != "not installed"}
 
 
 class NullRun:

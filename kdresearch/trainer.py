@@ -5,6 +5,7 @@ accuracy when there is no validation split) so that a Hydra sweeper can optimise
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -24,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from kdresearch import devices, distributed, interrupts, resume
+from kdresearch import devices, distributed, interrupts, parent_runs, resume
 from kdresearch.checkpoint import capture_rng, keep_last, restore_rng, save_checkpoint
 from kdresearch.data import Dataset
 from kdresearch.errors import KDResearchError
@@ -33,7 +34,7 @@ from kdresearch.losses.base import Progress, TrainingLoss
 from kdresearch.models import ModelOutputs, first_layer_norm, model_name, parameter_count
 from kdresearch.teacher import CONF_DIR, FINAL_CHECKPOINT, obtain_teacher
 from kdresearch.teacher_outputs import teacher_outputs as build_teacher_outputs
-from kdresearch.tracking import NullRun, Tracker, flatten
+from kdresearch.tracking import DatasetRecord, NullRun, Tracker, check_param_keys, flatten
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +93,13 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise KDResearchError(f"{key} must be a number > 0, got {value!r}")
-    for key in ("data.augment", "teacher.augment"):
+    for key in ("data.augment", "teacher.augment", "tracking.log_model", "tracking.system_metrics"):
         if not isinstance(OmegaConf.select(cfg, key), bool):
             raise KDResearchError(f"{key} must be true or false, got {OmegaConf.select(cfg, key)!r}")
-    if not isinstance(cfg.tracking.experiment, str) or not cfg.tracking.experiment.strip():
-        raise KDResearchError(f"tracking.experiment must be a non-empty name, got {cfg.tracking.experiment!r}")
+    for key, may_be_null in (("tracking.experiment", False), ("tracking.register_model", True)):
+        value = OmegaConf.select(cfg, key)
+        if not (value is None and may_be_null) and (not isinstance(value, str) or not value.strip()):
+            raise KDResearchError(f"{key} must be a non-empty name{' or null' if may_be_null else ''}, got {value!r}")
     devices.check_precision(cfg.device.precision)
 
 
@@ -216,6 +219,8 @@ class Job:
         self.device = distributed.device_for(self.world, device)
         self.memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        self.params = flatten({k: v for k, v in self.resolved.items() if k not in resume.FREE_KEYS})
+        check_param_keys(self.params)  # a key MLflow refuses (`+a$b=1`) fails here, before any work
         self.name = run_name(cfg)  # reads the loss's config file: once per job
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if self.world.is_main else None
         self.resume_point: Optional[resume.ResumePoint] = None
@@ -324,7 +329,15 @@ class Job:
         if not world.is_main:
             return NullRun()
         if self.resume_point is not None:
-            return self.tracker.resume_run(self.resume_point.run_id)
+            tracked = self.tracker.resume_run(self.resume_point.run_id)
+        else:
+            tracked = self.new_run(overrides, sweep)
+        if cfg.tracking.system_metrics:
+            tracked.start_system_metrics()
+        return tracked
+
+    def new_run(self, overrides: tuple[str, ...], sweep: Optional[str]):
+        cfg, world = self.cfg, self.world
         is_teacher = cfg.loss.name == "ce" and cfg.model.name == cfg.teacher.model.name
         tags = {
             "role": "teacher" if is_teacher else "student",
@@ -340,9 +353,18 @@ class Job:
             tags["teacher_run_id"] = self.teacher_run_id
         if sweep:
             tags["sweep"] = sweep
-        params = flatten({k: v for k, v in self.resolved.items() if k not in resume.FREE_KEYS})
-        params["parameter_count"] = parameter_count(self.student)
-        return self.tracker.start_run(self.name, tags, params)
+        params = {**self.params, "parameter_count": parameter_count(self.student)}
+        tracked = self.tracker.start_run(self.name, tags, params, parent_run_id=parent_runs.parent_run_id(sweep))
+        with tracked.failing_on_error():
+            tracked.log_datasets(self.dataset_records())
+        return tracked
+
+    def dataset_records(self) -> list[DatasetRecord]:
+        """Each split of the data as an MLflow dataset input, identified by the data fingerprint."""
+        root = OmegaConf.select(self.cfg, "data.root")
+        source = str(Path(root).resolve()) if root else "synthetic"
+        return [DatasetRecord(self.cfg.data.name, self.data_fingerprint, source, context, rows, self.data.num_classes)
+                for context, rows in self.data.split_sizes().items()]
 
     def log_start(self, tracked, first_epoch: int) -> None:
         if not self.world.is_main:
@@ -419,14 +441,27 @@ class Job:
         }
 
     def finish(self, tracked, state: dict) -> Path:
-        """Save the final checkpoint (also as the run's artifact) and the teacher-cache tag."""
+        """Save the final checkpoint (also as the run's artifact), the MLflow model and the
+        teacher-cache tag."""
         final = self.output_dir / "checkpoints" / Path(FINAL_CHECKPOINT).name
         if self.world.is_main:
             save_checkpoint(state, final)
             tracked.log_file(final, str(Path(FINAL_CHECKPOINT).parent))
+            if self.cfg.tracking.log_model:
+                self.log_model(tracked)
             if self.teacher_outputs is not None:
                 tracked.set_tags({"teacher_cache": "used" if self.teacher_outputs.used_cache else "online"})
         return final
+
+    def log_model(self, tracked) -> None:
+        """The trained student as an MLflow model: CPU, float32, eval mode, fed normalised images
+        (the input example is two normalised test images)."""
+        started = time.perf_counter()
+        images = next(iter(self.test_batches))[0][:2].float().contiguous().cpu().numpy()
+        model = copy.deepcopy(self.student).to("cpu", torch.float32, memory_format=torch.contiguous_format)
+        tracked.log_model(model.eval(), images, registered_model_name=self.cfg.tracking.register_model)
+        log.info("logged the student as MLflow model runs:/%s/model (%.1fs)", tracked.run_id,
+                 time.perf_counter() - started)
 
 
 def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),

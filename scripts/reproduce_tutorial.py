@@ -3,7 +3,7 @@
 Runs `python train.py` five times per seed -- the teacher (model=deep), then the students
 loss=ce, loss=kd T=2, loss=cosine and loss=regressor, which reuse that teacher -- then compares
 the runs (kdresearch/compare.py): table on the console, comparison.md/.csv/.png in the output
-folder, and the same files as artifacts of an MLflow summary run.
+folder, and the same files as artifacts of the MLflow parent run whose children are the jobs' runs.
 
 Examples (from the project folder):
   python scripts/reproduce_tutorial.py                                   # CIFAR-10, 10 epochs
@@ -67,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "their training config (one is trained first when there is none)")
     parser.add_argument("--out", type=Path, help="folder of the jobs' outputs and the comparison files, also "
                                                  "the runs' sweep tag (default: outputs/reproduce/<date>_<time>)")
-    parser.add_argument("--no-log", action="store_true", help="log no MLflow summary run for the comparison")
+    parser.add_argument("--no-log", action="store_true",
+                        help="no MLflow parent run: the jobs' runs stand alone and the comparison is only written to files")
     parser.add_argument("--dry-run", action="store_true", help="print the train.py commands and stop")
     args = parser.parse_intermixed_args(_join_seeds(list(sys.argv[1:] if argv is None else argv)))
 
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
             print(f"teacher - student CE: {row.delta:+.2f} points of final test/acc")
     print(f"wrote {comparison.markdown}, {comparison.csv}, {comparison.figure}")
     if comparison.summary_run_id:
-        print(f"MLflow summary run {comparison.summary_run_id} ({comparison.name}, tag role=summary)")
+        print(f"MLflow parent run {comparison.summary_run_id} holds the jobs' runs and the comparison "
+              f"(tag role=reproduction)")
     print(f"compare these runs again: {result.compare_command}")
     return 0
 

@@ -315,13 +315,13 @@ def interrupt(store: Path, signum: int, after_epoch: int = 2) -> tuple[Job, obje
     """Start the RESUMABLE job and send `signum` in the middle of epoch `after_epoch + 1` (once
     epoch `after_epoch` is logged: an interrupt inside an MLflow write is
     test_interrupt_during_mlflow_write_still_ends_run_killed). Checks the Ctrl-C contract: exit
-    code (not a death by signal), an 'interrupted' line, MLflow run KILLED, no temp file, the
+    code 128 + signum (not a death by signal), an 'interrupted' line, MLflow run KILLED, no temp file, the
     newest epoch checkpoint loads. Returns the job and its MLflow run."""
     job = Job(store, "job", *RESUMABLE)
     line = f"epoch {after_epoch}/4"
     job.signal_when(lambda: line in job.output, f"the line {line!r}", signum)
     code = job.wait()
-    assert code not in (0, -signum), job.describe()
+    assert code == 128 + signum, job.describe()  # the shell's convention: SIGINT 130, SIGTERM 143
     assert "interrupted" in job.output and "Traceback" not in job.output, job.describe()
     run = only_run(store)
     assert run.info.status == "KILLED"

@@ -93,8 +93,14 @@ def test_reproduce_tags_and_compares_its_runs(tmp_path, monkeypatch):
     assert rows[1].is_baseline and not any(row.unfair for row in rows)
     assert (out / "comparison" / "comparison.png").is_file()
     assert "--sweep" in result.compare_command and uri in result.compare_command
-    summary = client.get_run(result.comparison.summary_run_id)
-    assert summary.data.tags["role"] == "summary" and summary.info.run_name.startswith("comparison-reproduce-")
+    # One parent run holds the reproduction: its jobs are its children, it holds the comparison.
+    parent = client.get_run(result.comparison.summary_run_id)
+    assert parent.data.tags["role"] == "reproduction" and parent.info.run_name.startswith("reproduce-")
+    assert parent.info.status == "FINISHED"
+    assert {run.data.tags["mlflow.parentRunId"] for run in runs} == {parent.info.run_id}
+    assert {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "comparison")} == {
+        "comparison.md", "comparison.csv", "comparison.png"}
+    assert "| light-kd-T2 |" in parent.data.tags["mlflow.note.content"]
     # scripts/compare.py --sweep <folder> selects exactly this reproduction again.
     again = select_runs(Tracker(uri, "kdresearch"), sweep=str(out))
     assert {run.info.run_id for run in again} == set(result.run_ids)
@@ -117,12 +123,13 @@ def test_reproduce_command_end_to_end(tmp_path):
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("kdresearch").experiment_id
     runs = sorted(client.search_runs([experiment]), key=lambda run: run.info.start_time)
-    trained = [run for run in runs if run.data.tags.get("role") != "summary"]
+    trained = [run for run in runs if run.data.tags.get("role") != "reproduction"]
     assert [run.info.run_name for run in trained] == NAMES
     assert all(run.info.status == "FINISHED" and run.data.tags["sweep"] == str(out) for run in trained)
     assert all(run.data.tags["teacher_run_id"] == trained[0].info.run_id for run in trained[2:])
-    (summary,) = [run for run in runs if run.data.tags.get("role") == "summary"]
-    assert set(summary.data.tags["compared_runs"].split()) == {run.info.run_id for run in trained}
+    (summary,) = [run for run in runs if run.data.tags.get("role") == "reproduction"]
+    assert {run.data.tags["mlflow.parentRunId"] for run in trained} == {summary.info.run_id}
+    assert summary.info.status == "FINISHED"
     with (out / "comparison" / "comparison.csv").open() as handle:
         rows = {row["run"]: row for row in csv.DictReader(handle)}
     assert list(rows) == NAMES

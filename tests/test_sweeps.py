@@ -91,6 +91,21 @@ def check_one_sweep(folder: Path, students: list, expected_jobs: int) -> str:
     return students[0].data.tags["sweep"]
 
 
+def check_parent(client, runs, status: str = "FINISHED"):
+    """The sweep is one MLflow parent run (role=sweep) and every job's run is its child; returns it."""
+    (parent,) = by_role(runs, "sweep")
+    assert parent.info.status == status
+    children = [run for run in runs if run is not parent]
+    assert children and {run.data.tags.get("mlflow.parentRunId") for run in children} == {parent.info.run_id}
+    assert "sweep" not in parent.data.tags  # compare.py --sweep selects the jobs, not their parent
+    if status == "FINISHED":
+        listed = {Path(item.path).name for item in client.list_artifacts(parent.info.run_id, "comparison")}
+        assert listed == {"comparison.md", "comparison.csv", "comparison.png"}
+        assert all(f"| {run.info.run_name} |" in parent.data.tags["mlflow.note.content"]
+                   for run in children if run.info.status == "FINISHED")
+    return parent
+
+
 # --- the presets compose ---------------------------------------------------------------------------
 
 def hydra_node(*overrides: str):
@@ -148,6 +163,9 @@ def run_grid_sweep(tmp_path: Path, temperatures: tuple, weights: tuple) -> None:
     # What compare.py and the MLflow UI filter by.
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
     assert len(client.search_runs([experiment_id], filter_string=f"tags.sweep = '{sweep}'")) == len(students)
+    parent = check_parent(client, runs)
+    assert parent.data.params["sweep.T"] == ",".join(map(str, temperatures))
+    assert parent.data.tags["launcher"] == "JoblibLauncher"
 
 
 def test_parallel_sweep_8_jobs_one_teacher(tmp_path):
@@ -160,7 +178,9 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     done = multirun(tmp_path, "hydra/launcher=slurm_local", "seed=1,2")
     check_sweep_ok(done)
     print(f"submitit local 2-job sweep: {done.seconds:.1f} s")
-    _, runs = all_runs(tmp_path)
+    client, runs = all_runs(tmp_path)
+    check_parent(client, runs)
+    runs = by_role(runs, "student")
     assert sorted((run.info.status, run.data.params["seed"]) for run in runs) == [
         ("FINISHED", "1"), ("FINISHED", "2")]
     check_one_sweep(tmp_path, runs, 2)
@@ -190,3 +210,28 @@ def test_optuna_search_reports_best_value(tmp_path):
     # The best value is the best trial's final test accuracy, as MLflow recorded it.
     final_acc = [client.get_metric_history(run.info.run_id, "test/acc")[-1].value for run in students]
     assert math.isclose(results["best_value"], max(final_acc), rel_tol=1e-6)
+    # The search's parent run holds the best value and parameters and the search space.
+    parent = check_parent(client, runs)
+    assert math.isclose(parent.data.metrics["best_value"], results["best_value"], rel_tol=1e-6)
+    assert float(parent.data.tags["best.T"]) == results["best_params"]["T"]
+    assert parent.data.params["search.T"] == "tag(log, interval(1, 8))"
+
+
+def test_basic_sweep_is_one_parent_run(tmp_path):
+    """The basic launcher (jobs in the launching process): the same parent/child record."""
+    done = multirun(tmp_path, "seed=1,2")
+    check_sweep_ok(done)
+    client, runs = all_runs(tmp_path)
+    parent = check_parent(client, runs)
+    assert parent.data.params["overrides"].endswith("seed=1,2") and parent.data.params["sweep.seed"] == "1,2"
+    assert parent.data.tags["launcher"] == "BasicLauncher"
+    assert (sweep_folders(tmp_path)[0] / "mlflow_parent_run.json").is_file()
+
+
+def test_sweep_with_a_failing_job_ends_its_parent_failed(tmp_path):
+    """A job that fails stops the basic launcher; the parent must not stay RUNNING nor read FINISHED."""
+    done = multirun(tmp_path, "optimizer.lr=0.001,1e12", "optimizer=sgd")
+    assert done.returncode != 0
+    client, runs = all_runs(tmp_path)
+    check_parent(client, runs, status="FAILED")
+    assert sorted(run.info.status for run in by_role(runs, "student")) == ["FAILED", "FINISHED"]
