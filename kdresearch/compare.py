@@ -15,12 +15,12 @@ table (Markdown, CSV) and a figure (PNG), and log all three as artifacts of a su
   run's of the same seed (or from the baseline's at all, when it has no run of that seed) is
   flagged as an unfair comparison.
 
-Everything is read back with `Tracker` and `metric_history`; nothing here trains.
+Params, tags and each metric's latest value come with the MLflow runs (`select_runs`); per-epoch
+histories (`metric_history`) are read only for the runs the table shows. Nothing here trains.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime
 import logging
 import statistics
@@ -35,8 +35,12 @@ from kdresearch.tracking import Tracker, TrackedRun, metric_history
 log = logging.getLogger(__name__)
 
 SUMMARY_ROLE = "summary"
+# Runs that train nothing: comparison summaries, the parent runs of sweeps and reproductions
+# (kdresearch.parent_runs) and evaluations of a finished model (kdresearch.evaluation).
+UNTRAINED_ROLES = (SUMMARY_ROLE, "sweep", "reproduction", "evaluation")
 ARTIFACT_DIR = "comparison"  # where the summary run keeps comparison.md / .csv / .png
-HISTORY_KEYS = ("test/acc", "train/loss", "first_layer_norm", "epoch_seconds", "best/test_acc")
+# Metrics read per epoch (max test/acc, curves, norm at step 0, summed times); others: latest value.
+HISTORY_KEYS = ("test/acc", "train/loss", "first_layer_norm", "epoch_seconds")
 NOT_HYPERPARAMETERS = ("name", "_target_")  # loss.* params that name the loss rather than tune it
 MAX_RUNS = 50_000  # MLflow's cap on one search
 
@@ -60,11 +64,17 @@ class RunRecord:
     parameter_count: Optional[int]
     identity: tuple  # equal for runs of one configuration (any seed)
     context: tuple  # (data fingerprint, epochs): runs comparable with one baseline
-    history: dict[str, list[tuple[int, float]]]
+    history: dict[str, list[tuple[int, float]]]  # {key: [(step, value), ...]} of HISTORY_KEYS, once read
     params: dict[str, str] = field(repr=False, default_factory=dict)
+    metrics: dict[str, float] = field(repr=False, default_factory=dict)  # each metric's latest value
 
     def _values(self, key: str) -> list[tuple[int, float]]:
         return self.history.get(key) or []
+
+    def _last(self, key: str) -> Optional[float]:
+        """The value at the last step: from the history when it was read, else MLflow's latest value."""
+        values = self._values(key)
+        return values[-1][1] if values else self.metrics.get(key)
 
     @property
     def init_norm(self) -> Optional[float]:
@@ -72,13 +82,11 @@ class RunRecord:
 
     @property
     def final_norm(self) -> Optional[float]:
-        values = self._values("first_layer_norm")
-        return values[-1][1] if values else None
+        return self._last("first_layer_norm")
 
     @property
     def final_acc(self) -> Optional[float]:
-        values = self._values("test/acc")
-        return values[-1][1] if values else None
+        return self._last("test/acc")
 
     @property
     def best_acc(self) -> Optional[float]:
@@ -89,8 +97,7 @@ class RunRecord:
     @property
     def best_val_test_acc(self) -> Optional[float]:
         """test/acc of the epoch chosen on validation (data.val_size > 0), as of the last epoch."""
-        values = self._values("best/test_acc")
-        return values[-1][1] if values else None
+        return self._last("best/test_acc")
 
     @property
     def train_seconds(self) -> Optional[float]:
@@ -114,8 +121,9 @@ def _identity(params: Mapping[str, str], tags: Mapping[str, str]) -> tuple:
     return tuple(sorted(identity.items()))
 
 
-def read_run(client, run) -> RunRecord:
-    """A `RunRecord` from an MLflow `Run` (its params, tags and per-epoch metric history)."""
+def read_run(client, run, history: bool = True) -> RunRecord:
+    """A `RunRecord` from an MLflow `Run`: its params, tags and latest metric values and, with
+    `history`, the per-epoch values of HISTORY_KEYS (one MLflow call per key)."""
     params, tags = dict(run.data.params), dict(run.data.tags)
     return RunRecord(
         run_id=run.info.run_id,
@@ -130,8 +138,9 @@ def read_run(client, run) -> RunRecord:
         parameter_count=_number(params.get("parameter_count"), int),
         identity=_identity(params, tags),
         context=(tags.get("data_fingerprint", ""), params.get("epochs", "")),
-        history=metric_history(client, run.info.run_id, HISTORY_KEYS),
+        history=metric_history(client, run.info.run_id, HISTORY_KEYS) if history else {},
         params=params,
+        metrics=dict(run.data.metrics),
     )
 
 
@@ -167,7 +176,7 @@ def select_runs(tracker: Tracker, run_ids: Sequence[str] = (), sweep: Optional[s
             first_line = str(error).strip().splitlines()[0]
             raise KDResearchError(f"bad run filter {query!r}: {first_line}") from None
         described = f"runs matching {query!r}" if query else "runs"
-    runs = [run for run in runs if run.data.tags.get("role") != SUMMARY_ROLE]
+    runs = [run for run in runs if run.data.tags.get("role") not in UNTRAINED_ROLES]
     if not runs:
         experiment = tracker.client.get_experiment(tracker.experiment_id).name
         raise KDResearchError(f"no {described} to compare in experiment {experiment!r} of {tracker.uri}")
@@ -238,8 +247,12 @@ class Row:
         return ""
 
 
-def _dedupe(records: list[RunRecord]) -> list[RunRecord]:
-    """The newest run of each (configuration, seed); `records` are oldest first."""
+def _table_runs(records: Sequence[RunRecord], per_run: bool = False) -> list[RunRecord]:
+    """The runs the table shows, oldest first: all with `per_run`, else the newest of each
+    (configuration, seed)."""
+    records = sorted(records, key=lambda record: record.start_time)
+    if per_run:
+        return records
     newest = {(record.identity, record.seed): record for record in records}
     return [record for record in records if newest[(record.identity, record.seed)] is record]
 
@@ -276,9 +289,7 @@ def build_rows(records: list[RunRecord], per_run: bool = False, baseline: Option
     `baseline` picks the baseline configuration by label, run name or run id; by default it is,
     per (data, epochs) context, the first configuration of a student trained with cross-entropy.
     """
-    records = sorted(records, key=lambda record: record.start_time)
-    if not per_run:
-        records = _dedupe(records)
+    records = _table_runs(records, per_run)
     configurations: dict[tuple, list[RunRecord]] = {}
     for record in records:
         configurations.setdefault(record.identity, []).append(record)
@@ -390,43 +401,37 @@ def write_markdown(rows: Sequence[Row], path: Path, title: str) -> Path:
     return path
 
 
+CSV_STATS = ("init_norm", "final_norm", "final_acc", "best_val_test_acc", "best_acc", "train_seconds")
+
+
 def write_csv(rows: Sequence[Row], path: Path) -> Path:
-    """Machine-readable: full-precision numbers, means and stds in their own columns."""
+    """Machine-readable: full-precision numbers, means and stds in their own columns (None: empty)."""
+    import pandas as pd
+
     hyperparameters = sorted({key for row in rows for key in row.first.hyperparameters})
-    header = ["run", "run_ids", "model", "loss", "role", *(f"loss.{key}" for key in hyperparameters),
-              "parameter_count", "seeds", "n"]
-    stats = ("init_norm", "final_norm", "final_acc", "best_val_test_acc", "best_acc", "train_seconds")
-    for name in stats:
-        header += [f"{name}_mean", f"{name}_std"]
-    header += ["delta_vs_baseline", "baseline", "unfair_init", "note"]
-
-    def cell(value):
-        return "" if value is None else value
-
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for row in rows:
-            run = row.first
-            values = [row.label, " ".join(r.run_id for r in row.runs), run.model, run.loss, run.role,
-                      *(run.hyperparameters.get(key) for key in hyperparameters), run.parameter_count,
-                      " ".join(str(seed) for seed in row.seeds), len(row.runs)]
-            for name in stats:
-                stat = row.stat(name)
-                values += [stat.mean, stat.std]
-            values += [row.delta, row.baseline_label, bool(row.unfair), row.note]
-            writer.writerow([cell(value) for value in values])
+    lines = [{
+        "run": row.label, "run_ids": " ".join(run.run_id for run in row.runs), "model": row.first.model,
+        "loss": row.first.loss, "role": row.first.role,
+        **{f"loss.{key}": row.first.hyperparameters.get(key) for key in hyperparameters},
+        "parameter_count": row.first.parameter_count, "seeds": " ".join(map(str, row.seeds)), "n": len(row.runs),
+        **{f"{name}_{part}": getattr(row.stat(name), part) for name in CSV_STATS for part in ("mean", "std")},
+        "delta_vs_baseline": row.delta, "baseline": row.baseline_label, "unfair_init": bool(row.unfair),
+        "note": row.note,
+    } for row in rows]
+    # dtype=object writes each value as Python does: a count stays 267738, not 267738.0 beside a missing
+    # one; lines end in CRLF, as RFC 4180 and the csv module have them.
+    pd.DataFrame(lines, dtype=object).to_csv(path, index=False, lineterminator="\r\n")
     return path
 
 
 def _curve(row: Row, key: str) -> tuple[list[int], list[float], Optional[list[float]]]:
-    """Epochs, mean and (with several runs) std of a per-epoch metric over the row's runs."""
-    histories = [dict(run.history.get(key) or []) for run in row.runs]
-    steps = sorted(set.intersection(*(set(h) for h in histories))) if histories else []
-    steps = [step for step in steps if step > 0]
-    means = [statistics.fmean(h[step] for h in histories) for step in steps]
-    stds = [statistics.stdev(h[step] for h in histories) for step in steps] if len(histories) > 1 else None
-    return steps, means, stds
+    """Epochs, mean and (with several runs) std of a per-epoch metric over the row's runs: the epochs
+    every run has (step 0, before training, left out)."""
+    import pandas as pd
+
+    frame = pd.DataFrame([dict(run.history.get(key) or []) for run in row.runs]).dropna(axis=1)  # run x step
+    frame = frame[sorted(step for step in frame.columns if step > 0)]
+    return list(frame.columns), list(frame.mean()), list(frame.std()) if len(frame) > 1 else None
 
 
 def write_figure(rows: Sequence[Row], path: Path, title: str) -> Path:
@@ -496,8 +501,11 @@ def compare(tracker: Tracker, runs: Sequence, out_dir: Path, name: Optional[str]
     """Build the table of `runs` (MLflow runs, e.g. from `select_runs`), write comparison.md/.csv/.png
     into `out_dir` and, with `log_summary`, log them as artifacts of a summary run named `name`."""
     name = name or default_name()
-    records = [read_run(tracker.client, run) for run in runs]
-    rows = build_rows(records, per_run=per_run, baseline=baseline)
+    records = [read_run(tracker.client, run, history=False) for run in runs]
+    shown = _table_runs(records, per_run)
+    for record in shown:  # histories only for the runs in the table, not for superseded reruns
+        record.history = metric_history(tracker.client, record.run_id, HISTORY_KEYS)
+    rows = build_rows(shown, per_run=per_run, baseline=baseline)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = Comparison(

@@ -19,13 +19,14 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from kdresearch.compare import (ARTIFACT_DIR, Comparison, RunRecord, build_rows, compare, markdown_table,
-                                read_run, select_runs)
+from kdresearch.compare import (ARTIFACT_DIR, HISTORY_KEYS, Comparison, RunRecord, build_rows, compare,
+                                markdown_table, read_run, select_runs, write_csv)
 from kdresearch.errors import KDResearchError
 from kdresearch.tracking import Tracker
 from kdresearch.trainer import run_job
@@ -341,3 +342,50 @@ def test_test_accuracy_at_the_best_validation_epoch_has_its_own_column():
     header, _, line = markdown_table([row]).splitlines()[:3]
     assert "test/acc % at best-val epoch" in header and "| 51.50 |" in line
     assert "max test/acc % (epoch chosen on test)" in header  # best-on-test only under a name that says so
+
+
+def test_histories_are_read_only_for_the_runs_in_the_table(tmp_path):
+    """A rerun of one configuration and seed supersedes the older run, whose histories are never read;
+    best/test_acc is the run's latest value, read without its history."""
+    histories = {
+        "old": {"test/acc": [(1, 40.0)], "first_layer_norm": [(0, 2.0), (1, 2.4)]},
+        "new": {"test/acc": [(1, 50.0), (2, 55.0), (3, 54.0)], "first_layer_norm": [(0, 2.0), (3, 2.6)],
+                "epoch_seconds": [(1, 1.0), (2, 2.0), (3, 0.5)], "train/loss": [(1, 1.5), (2, 1.2), (3, 1.1)]},
+    }
+    read = []
+
+    class Client:
+        def get_metric_history(self, run_id, key):
+            read.append((run_id, key))
+            return [SimpleNamespace(step=step, value=value) for step, value in histories[run_id].get(key, [])]
+
+    def run(run_id, start, best_val_test_acc):
+        params = {"seed": "42", "epochs": "3", "loss.name": "ce", "model.name": "light", "parameter_count": "10"}
+        tags = {"role": "student", "loss": "ce", "model": "light", "data_fingerprint": "data"}
+        metrics = {"test/acc": histories[run_id]["test/acc"][-1][1], "best/test_acc": best_val_test_acc}
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, run_name="light-ce", start_time=start),
+                               data=SimpleNamespace(params=params, tags=tags, metrics=metrics))
+
+    result = compare(SimpleNamespace(client=Client()), [run("new", 2, 55.0), run("old", 1, 40.0)], tmp_path,
+                     name="rerun", log_summary=False)
+    assert {run_id for run_id, _ in read} == {"new"}
+    assert sorted(key for _, key in read) == sorted(HISTORY_KEYS) and "best/test_acc" not in HISTORY_KEYS
+    (row,) = result.rows
+    assert [run.run_id for run in row.runs] == ["new"] and row.is_baseline
+    assert row.stat("final_acc").mean == 54.0 and row.stat("best_acc").mean == 55.0
+    assert row.stat("best_val_test_acc").mean == 55.0
+    assert (row.first.init_norm, row.first.final_norm, row.first.train_seconds) == (2.0, 2.6, 3.5)
+    line = _csv(result.csv)["light-ce"]
+    assert line["run_ids"] == "new" and line["best_val_test_acc_mean"] == "55.0" and line["final_norm_std"] == ""
+
+
+def test_csv_keeps_integers_and_empty_cells(tmp_path):
+    records = [_record("a", "light-ce", 42, 1, 50.0),
+               _record("b", "light-kd", 42, 2, 60.0, loss="kd", identity=(("loss", "kd"),))]
+    records[1].parameter_count, records[1].hyperparameters = None, {"T": "2"}
+    path = write_csv(build_rows(records), tmp_path / "comparison.csv")
+    assert path.read_bytes().count(b"\r\n") == 3  # header and two lines, as the csv module ends them
+    ce, kd = _csv(path)["light-ce"], _csv(path)["light-kd"]
+    assert (ce["parameter_count"], kd["parameter_count"]) == ("1", "")
+    assert (ce["loss.T"], kd["loss.T"], ce["n"], ce["unfair_init"]) == ("", "2", "1", "False")
+    assert (ce["final_acc_mean"], ce["final_acc_std"], kd["delta_vs_baseline"]) == ("50.0", "", "10.0")
