@@ -208,10 +208,12 @@ class Job:
     `finish` (final checkpoint). `run_job` calls them in that order.
     Under torchrun every rank runs the job; rank 0 alone tracks, checkpoints and evaluates."""
 
-    def __init__(self, cfg: DictConfig, output_dir: Path):
+    def __init__(self, cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
+                 sweep: Optional[str] = None):
         check_config(cfg)
         self.cfg = cfg
         self.output_dir = output_dir
+        self.overrides, self.sweep = tuple(overrides), sweep
         devices.set_deterministic(cfg.device.deterministic)
         devices.keep_freed_memory(cfg.device.keep_freed_memory)
         device = devices.resolve_device(cfg.device.type)
@@ -224,6 +226,8 @@ class Job:
         self.name = run_name(cfg)  # reads the loss's config file: once per job
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if self.world.is_main else None
         self.resume_point: Optional[resume.ResumePoint] = None
+        self.parent_run_id = parent_runs.parent_run_id(sweep) if self.world.is_main else None
+        self.finished_run_id: Optional[str] = None  # set in a sweep run again: this configuration is done
         self.teacher_outputs = None
         self.teacher_run_id: Optional[str] = None
 
@@ -242,6 +246,10 @@ class Job:
         self.identity = config_identity(cfg, self.data_fingerprint)
         if cfg.resume:
             self.locate_resume_point()
+        elif self.sweep:
+            self.continue_sweep_job()
+            if self.finished_run_id is not None:
+                return
         train_size = self.data.train_size
         if self.loss_fn.needs_teacher:
             with torch.random.fork_rng(devices=[]):
@@ -274,6 +282,42 @@ class Job:
         resume.check_same_job(point.checkpoint, self.identity)
         self.resume_point = point
         self.output_dir = point.output_dir
+
+    def continue_sweep_job(self) -> None:
+        """A sweep run again in its folder (hydra.sweep.dir=<old folder>) does each configuration
+        once: the configuration's latest run in the sweep's parent run FINISHED -> nothing to train;
+        it left a checkpoint -> resume it (the same bit-exact continuation as resume=); else train."""
+        world = self.world
+        earlier = None
+        if world.is_main and self.parent_run_id:
+            runs = self.tracker.find_runs(f"tags.mlflow.parentRunId = '{self.parent_run_id}' and "
+                                          f"tags.config_hash = '{identity_hash(self.identity)}'")
+            earlier = (runs[0].info.run_id, runs[0].info.status, runs[0].data.tags.get("output_dir")) if runs else None
+        earlier = distributed.broadcast_object(world, earlier)
+        if earlier is None:
+            return
+        run_id, status, folder = earlier
+        if status == "FINISHED":
+            self.finished_run_id = run_id
+            log.info("sweep: %s already FINISHED in MLflow run %s; not trained again", self.name, run_id)
+        elif folder and any((Path(folder) / "checkpoints").glob("epoch_*.pt")):
+            point = resume.locate(folder, self.tracker)
+            resume.check_same_job(point.checkpoint, self.identity)
+            self.resume_point, self.output_dir = point, point.output_dir
+        else:
+            if status == "RUNNING" and world.is_main:  # its process died (SIGKILL, lost node) before epoch 1 ended
+                self.tracker.client.set_terminated(run_id, status="KILLED")
+            log.info("sweep: %s's earlier run %s (%s) left no checkpoint; training it again", self.name, run_id, status)
+
+    def earlier_result(self) -> "JobResult":
+        """The result of this configuration's FINISHED run, read from MLflow (what a sweeper optimises)."""
+        if not self.world.is_main:
+            return JobResult("", float("nan"), Path(), float("nan"))
+        run = self.tracker.client.get_run(self.finished_run_id)
+        metrics, folder = run.data.metrics, run.data.tags.get("output_dir", "")
+        test_acc = metrics["test/acc"]
+        return JobResult(self.finished_run_id, test_acc, Path(folder) / "checkpoints" / Path(FINAL_CHECKPOINT).name,
+                         metrics.get("val/acc", test_acc))
 
     def setup_teacher(self, teacher: nn.Module) -> None:
         """Fill `teacher` with trained weights and prepare its outputs (cached or online).
@@ -324,20 +368,20 @@ class Job:
 
     # --- tracking -------------------------------------------------------------------------------
 
-    def start_run(self, overrides: tuple[str, ...], sweep: Optional[str]):
+    def start_run(self):
         cfg, world = self.cfg, self.world
         if not world.is_main:
             return NullRun()
         if self.resume_point is not None:
             tracked = self.tracker.resume_run(self.resume_point.run_id)
         else:
-            tracked = self.new_run(overrides, sweep)
+            tracked = self.new_run()
         if cfg.tracking.system_metrics:
             tracked.start_system_metrics()
         return tracked
 
-    def new_run(self, overrides: tuple[str, ...], sweep: Optional[str]):
-        cfg, world = self.cfg, self.world
+    def new_run(self):
+        cfg, world, sweep = self.cfg, self.world, self.sweep
         is_teacher = cfg.loss.name == "ce" and cfg.model.name == cfg.teacher.model.name
         tags = {
             "role": "teacher" if is_teacher else "student",
@@ -347,14 +391,14 @@ class Job:
             "data_fingerprint": self.data_fingerprint,
             "device": str(self.device) if not world.active else f"{self.device.type} x{world.size} (DDP)",
             "output_dir": str(self.output_dir.resolve()),
-            "overrides": " ".join(overrides),
+            "overrides": " ".join(self.overrides),
         }
         if self.teacher_run_id:
             tags["teacher_run_id"] = self.teacher_run_id
         if sweep:
             tags["sweep"] = sweep
         params = {**self.params, "parameter_count": parameter_count(self.student)}
-        tracked = self.tracker.start_run(self.name, tags, params, parent_run_id=parent_runs.parent_run_id(sweep))
+        tracked = self.tracker.start_run(self.name, tags, params, parent_run_id=self.parent_run_id)
         with tracked.failing_on_error():
             tracked.log_datasets(self.dataset_records())
         return tracked
@@ -468,10 +512,12 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
             sweep: Optional[str] = None) -> JobResult:
     """Train one job as one MLflow run; `overrides` are the command-line overrides to record and
     `sweep` names the multirun the job belongs to (tag `sweep`, for filtering in compare.py and the UI)."""
-    job = Job(cfg, Path(output_dir))
+    job = Job(cfg, Path(output_dir), overrides, sweep)
     job.build()
+    if job.finished_run_id is not None:
+        return job.earlier_result()
     first_epoch = job.restore()
-    tracked = job.start_run(overrides, sweep)
+    tracked = job.start_run()
     with tracked:
         job.log_start(tracked, first_epoch)
         state = job.train(tracked, first_epoch)
