@@ -276,6 +276,14 @@ class Job:
     def locate_resume_point(self) -> None:
         # Rank 0 may need MLflow to find the job folder; the others follow its answer.
         world = self.world
+        folder = Path(str(self.cfg.resume)).expanduser()
+        if folder.is_dir() and not _has_epoch_checkpoint(folder) and _has_epoch_checkpoint(folder / "teacher"):
+            # Stopped while it trained its automatic teacher: setup_teacher continues that teacher's
+            # run, then the student starts in this same folder.
+            log.info("resume: %s was stopped while training its teacher; continuing the teacher, then the student",
+                     folder)
+            self.output_dir = folder
+            return
         point = resume.locate(str(self.cfg.resume), self.tracker) if world.is_main else None
         folder = distributed.broadcast_object(world, str(point.output_dir) if point else None)
         point = point or resume.locate(folder, self.tracker)
@@ -300,7 +308,7 @@ class Job:
         if status == "FINISHED":
             self.finished_run_id = run_id
             log.info("sweep: %s already FINISHED in MLflow run %s; not trained again", self.name, run_id)
-        elif folder and any((Path(folder) / "checkpoints").glob("epoch_*.pt")):
+        elif folder and _has_epoch_checkpoint(Path(folder)):
             point = resume.locate(folder, self.tracker)
             resume.check_same_job(point.checkpoint, self.identity)
             self.resume_point, self.output_dir = point, point.output_dir
@@ -330,6 +338,8 @@ class Job:
         with torch.random.fork_rng(devices=[]):  # the student's RNG stream stays untouched
 
             def train_teacher(job: DictConfig, folder: Path) -> str:
+                if _has_epoch_checkpoint(folder):  # an interrupted attempt at this teacher: continue it
+                    job.resume = str(folder)
                 distributed.broadcast_object(world, ("train", OmegaConf.to_container(job)))
                 return run_job(job, folder, ("(teacher trained automatically)",)).run_id
 
@@ -533,6 +543,10 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
     else:
         log.info("finished %s: test/acc %.2f%% (run %s)", job.name, test_acc, tracked.run_id)
     return JobResult(tracked.run_id, test_acc, final, metrics.get("val/acc", test_acc))
+
+
+def _has_epoch_checkpoint(job_folder: Path) -> bool:
+    return any((job_folder / "checkpoints").glob("epoch_*.pt"))
 
 
 def _hydra_overrides() -> list[str]:

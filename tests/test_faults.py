@@ -351,6 +351,29 @@ def test_sigterm_ends_run_killed_and_resume_with_other_overrides_is_refused(tmp_
     assert only_run(store).info.status == "KILLED"  # untouched by the refused attempt
 
 
+def test_ctrl_c_while_training_the_automatic_teacher_then_resume_the_job_folder(tmp_path):
+    """A KD job stopped while it trains its own teacher continues with resume=<its job folder>:
+    the teacher's run goes on from its checkpoint, then the student trains with it."""
+    store = tmp_path / "store"
+    overrides = (*TINY, "loss=kd", "teacher=light", "teacher.epochs=3", "data.limit_train=1024")
+    job = Job(store, "job", *overrides)
+    teacher_epoch_1 = job.run_dir / "teacher" / "checkpoints" / "epoch_0001.pt"
+    job.signal_when(teacher_epoch_1.exists, teacher_epoch_1.name, signal.SIGINT)
+    assert job.wait() == 130, job.describe()
+    (teacher,) = all_runs(store)
+    assert teacher.info.status == "KILLED" and teacher.data.tags["role"] == "teacher"
+
+    resumed = Job(store, "resumed", *overrides, f"resume={job.run_dir}").check_ok()
+    assert "stopped while training its teacher" in resumed.output
+    runs = {run.data.tags["role"]: run for run in all_runs(store)}
+    assert set(runs) == {"teacher", "student"} and len(all_runs(store)) == 2
+    assert runs["teacher"].info.run_id == teacher.info.run_id and runs["teacher"].info.status == "FINISHED"
+    assert [s for s, _ in metric_histories(store, teacher.info.run_id)["test/acc"]] == [1, 2, 3]
+    assert runs["student"].info.status == "FINISHED"
+    assert runs["student"].data.tags["teacher_run_id"] == teacher.info.run_id
+    assert (job.checkpoints / "final.pt").is_file()  # the student went on in the original folder
+
+
 @pytest.mark.slow
 def test_ctrl_c_then_resume_by_run_id_matches_uninterrupted_run(tmp_path, background):
     """`resume=<MLflow run id>` after Ctrl-C finishes that same run like the uninterrupted job."""
