@@ -2,7 +2,9 @@
 
 Layout (format 1): {"format", "model_class", "run_id", "teacher_run_id", "epoch", "model",
 "optimizer", "scheduler", "loss" (what the loss owns: connectors, heads, memory banks), "rng",
-"config", "identity" (kdresearch.identity), "num_classes", "metrics"}. Everything is tensors, numbers, strings, lists and dicts, so
+"config", "identity" (kdresearch.identity), "num_classes", "metrics" (this epoch's), "history" ({epoch:
+metrics} of every epoch so far, so a resumed job can log what never reached MLflow)}. Everything
+is tensors, numbers, strings, lists and dicts, so
 `torch.load(weights_only=True)` reads it and a crafted pickle cannot run code.
 """
 

@@ -7,12 +7,19 @@ images to uint8; the main process then shuffles, augments and normalises them ex
 in-memory data (the same generator draws, the same `data.Batches` code), so a folder written from
 an in-memory dataset yields identical batches. The teacher-output cache works as for in-memory
 data: it is indexed by sample and keyed by a content hash of every file, computed once per job.
+
+A file that is no image, or whose header declares more pixels than PIL's decompression-bomb limit
+(`PIL.Image.MAX_IMAGE_PIXELS`; up to twice that PIL itself only warns, then decodes the whole
+file), is refused in one line naming it. The content hash reads every file before training starts, so it
+checks every header there too; the workers check again as they decode.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -31,6 +38,26 @@ IMAGE_SIZE = 32  # what DeepNN / LightNN take
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp"}
 
 
+def open_image(path: Path, content: Optional[bytes] = None) -> Image.Image:
+    """`Image.open(path)` (of `content` when given: the file's bytes already read), which reads
+    only the header; a file PIL cannot identify, or one declaring more than
+    `Image.MAX_IMAGE_PIXELS` pixels, is a KDResearchError naming the file."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns between MAX_IMAGE_PIXELS and twice that, and raises beyond: refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path if content is None else io.BytesIO(content))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise KDResearchError(
+            f"cannot read image {path}: {str(error).rstrip('.')}; remove or shrink the file "
+            f"(every image is resized to {IMAGE_SIZE}x{IMAGE_SIZE})"
+        ) from None
+    except UnidentifiedImageError:
+        raise KDResearchError(f"cannot read image {path} (not an image format PIL knows)") from None
+    except (OSError, ValueError) as error:
+        raise KDResearchError(f"cannot read image {path} ({error})") from None
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Image files as uint8 (3, 32, 32) tensors, decoded in DataLoader workers."""
 
@@ -43,12 +70,12 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         path = self.files[index]
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 image = image.convert("RGB")
                 if image.size != (IMAGE_SIZE, IMAGE_SIZE):
                     image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
                 pixels = np.asarray(image).copy()
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             raise KDResearchError(f"cannot read image {path} ({error})") from None
         return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # HWC -> CHW
 
@@ -80,6 +107,11 @@ class StreamingBatches(Batches):
             for index, images in zip(batches, loader):
                 yield self.finish(images, index)
         except KDResearchError as error:
+            # DataLoader's re-raised error sits in a reference cycle with its traceback, whose
+            # frames hold the loader's iterator: left to the garbage collector, the workers' queues
+            # close before the iterator's shutdown and each worker waits out a 5 s timeout. Without
+            # the traceback, the iterator is freed (and its workers stopped) right here.
+            error.__traceback__ = None
             raise KDResearchError(_worker_error_line(error)) from None
 
 
@@ -112,7 +144,8 @@ class ImageFolderData(LabelledSplits):
 
     def fingerprint(self) -> str:
         """Content hash of every file (with its place and label) and of the preprocessing; it
-        reads the whole dataset once, so it is computed once per job."""
+        reads the whole dataset once, so it is computed once per job, and checks every file's
+        header on the way (`open_image`): a bad file stops the job before training starts."""
         if self._fingerprint is None:
             log.info("hashing the %d files of %s", len(self.train_files) + len(self.test_files), self.root)
             digest = hashlib.sha256()
@@ -121,8 +154,10 @@ class ImageFolderData(LabelledSplits):
                 splits.insert(1, (self.val_files, self.val_labels))
             for files, labels in splits:
                 for path, label in zip(files, labels.tolist()):
+                    content = path.read_bytes()
+                    open_image(path, content).close()
                     digest.update(f"{path.relative_to(self.root)}|{label}|".encode())
-                    digest.update(path.read_bytes())
+                    digest.update(content)
             digest.update(repr((self.mean, self.std, IMAGE_SIZE)).encode())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint

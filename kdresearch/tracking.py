@@ -16,9 +16,10 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 from filelock import FileLock, Timeout
 
@@ -39,6 +40,12 @@ KNOWN_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssq
 VALID_KEY = re.compile(r"^[/\w.\- :]*$")
 MAX_KEY_LENGTH = 250
 STORE_LOCK_SECONDS = 600  # creating a store's schema takes seconds; a longer wait means a stuck job
+# MLflow retries an HTTP request up to 7 times with exponential backoff (minutes) inside the call,
+# holding up training; a job tries each write a few seconds and keeps it for later instead
+# (TrackedRun.flush). Users' own settings of these variables win.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+MAX_PAUSE_SECONDS = 30.0
 
 
 def default_tracking_uri() -> str:
@@ -93,6 +100,20 @@ def check_param_keys(keys: Iterable[str]) -> None:
             )
 
 
+def unreachable(error: BaseException) -> bool:
+    """Whether a failed MLflow call means the tracking server could not be reached (worth keeping
+    the write and retrying), rather than a refused request."""
+    import requests
+
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                          ConnectionError, TimeoutError)):
+        return True
+    from mlflow.exceptions import MlflowException
+
+    text = str(getattr(error, "message", error))
+    return isinstance(error, MlflowException) and text.startswith("API request to") and "failed with" in text
+
+
 def _check_server(uri: str, timeout: float = 15.0) -> None:
     """Fail fast with one message when a tracking server is unreachable (MLflow would retry for minutes)."""
     try:
@@ -122,18 +143,21 @@ class DatasetRecord:
 class Tracker:
     """A connection to one MLflow store and experiment."""
 
-    def __init__(self, uri: Optional[str], experiment: str):
+    def __init__(self, uri: Optional[str], experiment: str, retry_minutes: float = 10.0):
         import mlflow
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.uri = uri or default_tracking_uri()
         self.experiment_name = experiment
+        self.retry_seconds = 60.0 * retry_minutes  # how long a run keeps writes while the server is away
         self.mlflow = mlflow
         check_uri(self.uri)
         db_path = _sqlite_path(self.uri)
         if self.uri.startswith(("http://", "https://")):
             _check_server(self.uri)
+            for name, value in HTTP_RETRY_DEFAULTS.items():
+                os.environ.setdefault(name, value)
         mlflow.set_tracking_uri(self.uri)
         # Locks that jobs of one machine share (store creation, training a shared teacher once).
         self.lock_dir = (db_path.parent if db_path else Path.home() / ".cache" / "kdresearch") / ".locks"
@@ -219,45 +243,103 @@ class _TimedLock(FileLock):
 
 
 class TrackedRun:
-    """One MLflow run; use as a context manager so it always ends with the right status."""
+    """One MLflow run; use as a context manager so it always ends with the right status.
+
+    Writes go through `_send`: when the tracking server cannot be reached, they are kept in order
+    and retried (before every later write, and with backoff where the caller waits) for up to
+    `tracking.retry_minutes`, so training goes on through a server restart; past that bound the
+    job stops with one line and its checkpoints, from which `resume=` completes the run.
+    """
 
     def __init__(self, tracker: Tracker, run_id: str):
         self.tracker = tracker
         self.client = tracker.client
         self.run_id = run_id
         self.system_metrics = None
+        self.pending: deque[Callable[[], object]] = deque()
+        self.outage_started: Optional[float] = None
+        self.pause = 1.0
+        self.resume_hint = "resume=<the job folder>"  # what the outage message tells users to run
+
+    # --- writes that survive a tracking-server outage -------------------------------------------
+
+    def _send(self, write: Callable[[], object], wait: bool = True) -> None:
+        self.pending.append(write)
+        self.flush(wait)
+
+    def flush(self, wait: bool = True) -> None:
+        """Send the kept writes in order. `wait=False` returns at the first unreachable attempt
+        (training goes on); `wait=True` retries with backoff until all are sent. Either way, an
+        outage longer than the tracker's retry bound raises KDResearchError."""
+        while self.pending:
+            try:
+                self.pending[0]()
+            except Exception as error:
+                if not unreachable(error):
+                    raise
+                self._outage(error)
+                if not wait:
+                    return
+                time.sleep(self.pause)
+                self.pause = min(2 * self.pause, MAX_PAUSE_SECONDS)
+                continue
+            self.pending.popleft()
+            if self.outage_started is not None and not self.pending:
+                log.warning("MLflow tracking server %s is back after %.0f s; every kept write is sent",
+                            self.tracker.uri, time.monotonic() - self.outage_started)
+                self.outage_started, self.pause = None, 1.0
+
+    def _outage(self, error: BaseException) -> None:
+        now = time.monotonic()
+        bound = self.tracker.retry_seconds
+        if self.outage_started is None:
+            self.outage_started = now
+            log.warning("MLflow tracking server %s is unreachable; training goes on, its writes are kept and "
+                        "retried for up to %.1f min (tracking.retry_minutes)", self.tracker.uri, bound / 60)
+        elif now - self.outage_started > bound:
+            raise KDResearchError(
+                f"MLflow tracking server {self.tracker.uri} unreachable for more than {bound / 60:.1f} min "
+                f"(tracking.retry_minutes); the job stopped with its checkpoints intact: once the server is back, "
+                f"{self.resume_hint} completes MLflow run {self.run_id}"
+            )
+
+    # --- what a run records ---------------------------------------------------------------------
 
     def log_params(self, params: Mapping[str, object]) -> None:
         from mlflow.entities import Param
 
         items = [Param(key, str(value)[:6000]) for key, value in params.items()]
         for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self.client.log_batch(self.run_id, params=items[start:start + 100])
+            batch = items[start:start + 100]
+            self._send(lambda batch=batch: self.client.log_batch(self.run_id, params=batch))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._send(lambda: self.client.log_batch(self.run_id, tags=batch))
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, wait: bool = True) -> None:
+        """One batch of metrics at `step`; `wait=False` keeps it for later while the server is away."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()]
-        )
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self._send(lambda: self.client.log_batch(self.run_id, metrics=batch), wait)
 
-    def log_metrics_once(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log `metrics` at `step` unless the run already has them (a resumed job's last epoch)."""
+    def log_missing_epochs(self, history: Mapping[int, Mapping[str, float]]) -> None:
+        """Log each epoch's metrics the run does not hold yet (a resumed job: the epoch whose write
+        a kill interrupted, or all epochs an outage kept from the server)."""
         logged = {m.step for m in self.client.get_metric_history(self.run_id, "test/acc")}
-        if step not in logged:
-            self.log_metrics(metrics, step)
+        for step, metrics in sorted(history.items()):
+            if step not in logged:
+                self.log_metrics(metrics, step)
 
     def log_file(self, path: Path, artifact_dir: Optional[str] = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+        self._send(lambda: self.client.log_artifact(self.run_id, str(path), artifact_dir))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._send(lambda: self.client.log_text(self.run_id, text, artifact_file))
 
     def log_datasets(self, datasets: Iterable[DatasetRecord]) -> None:
         """The data as dataset inputs: MLflow's Dataset column and dataset filter read these."""
@@ -273,7 +355,7 @@ class TrackedRun:
                 profile=json.dumps({"num_rows": record.rows, "num_classes": record.num_classes}),
             )
             inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", record.context)]))
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        self._send(lambda: self.client.log_inputs(self.run_id, datasets=inputs))
 
     def log_model(self, model, input_example, registered_model_name: Optional[str] = None):
         """`model` as an MLflow model of this run (torch.export's pt2 format: a traced graph and
@@ -286,14 +368,20 @@ class TrackedRun:
 
         with torch.no_grad():
             output = model(torch.from_numpy(input_example)).numpy()
-        experiment = self.client.get_run(self.run_id).info.experiment_id
-        self.tracker.mlflow.set_experiment(experiment_id=experiment)  # the model entity's experiment
-        info = mlflow.pytorch.log_model(
-            model, name="model", run_id=self.run_id, serialization_format="pt2",
-            input_example=input_example, signature=infer_signature(input_example, output),
-            # The requirements MLflow would infer by importing and scanning cost seconds per run.
-            pip_requirements=[f"{name}=={version}" for name, version in _model_requirements().items()],
-        )
+        logged = []
+
+        def write() -> None:
+            experiment = self.client.get_run(self.run_id).info.experiment_id
+            self.tracker.mlflow.set_experiment(experiment_id=experiment)  # the model entity's experiment
+            logged.append(mlflow.pytorch.log_model(
+                model, name="model", run_id=self.run_id, serialization_format="pt2",
+                input_example=input_example, signature=infer_signature(input_example, output),
+                # The requirements MLflow would infer by importing and scanning cost seconds per run.
+                pip_requirements=[f"{name}=={version}" for name, version in _model_requirements().items()],
+            ))
+
+        self._send(write)
+        info = logged[0]
         if registered_model_name:
             try:
                 version = self.tracker.mlflow.register_model(info.model_uri, registered_model_name)
@@ -315,11 +403,15 @@ class TrackedRun:
                                                    samples_before_logging=1, tracking_uri=self.tracker.uri)
         self.system_metrics.start()
 
-    def end(self, status: str) -> None:
+    def end(self, status: str, wait: bool = True) -> None:
+        """Send what is kept (waiting for the server up to the bound when `wait`), then the status."""
         if self.system_metrics is not None:
             self.system_metrics.finish()
             self.system_metrics = None
-        self.client.set_terminated(self.run_id, status=status)
+        try:
+            self.flush(wait)
+        finally:
+            self.client.set_terminated(self.run_id, status=status)
 
     def failing_on_error(self) -> "TrackedRun":
         """`with run.failing_on_error():` ends the run FAILED/KILLED if the block raises, else leaves it open."""
@@ -333,8 +425,12 @@ class TrackedRun:
             self.end("FINISHED")
             return False
         status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        if self.pending:
+            log.warning("%d MLflow writes could not be sent (the server was unreachable); resume= sends them",
+                        len(self.pending))
+            self.pending.clear()  # the checkpoint holds every epoch's metrics
         try:
-            self.end(status)
+            self.end(status, wait=False)
         except Exception:  # the interrupted client may be unusable (e.g. a locked SQLite session)
             from mlflow.tracking import MlflowClient
 

@@ -89,7 +89,7 @@ def check_config(cfg: DictConfig) -> None:
                 maximum is not None and value > maximum):
             bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
             raise KDResearchError(f"{key} must be an integer {bound}, got {value!r}")
-    for key in ("T", "cache.max_gb"):
+    for key in ("T", "cache.max_gb", "tracking.retry_minutes"):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise KDResearchError(f"{key} must be a number > 0, got {value!r}")
@@ -224,7 +224,8 @@ class Job:
         self.params = flatten({k: v for k, v in self.resolved.items() if k not in resume.FREE_KEYS})
         check_param_keys(self.params)  # a key MLflow refuses (`+a$b=1`) fails here, before any work
         self.name = run_name(cfg)  # reads the loss's config file: once per job
-        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if self.world.is_main else None
+        self.tracker = (Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.retry_minutes)
+                        if self.world.is_main else None)
         self.resume_point: Optional[resume.ResumePoint] = None
         self.parent_run_id = parent_runs.parent_run_id(sweep) if self.world.is_main else None
         self.finished_run_id: Optional[str] = None  # set in a sweep run again: this configuration is done
@@ -272,6 +273,7 @@ class Job:
         self.val_batches = (self.data.batches("val", 256, self.device, channels_last=cfg.device.channels_last)
                             if self.data.has_validation else None)
         self.best: dict[str, float] = {}  # best/val_acc, best/epoch, best/test_acc: the epoch chosen on validation
+        self.history: dict[int, dict] = {}  # every epoch's metrics so far, kept in each checkpoint
 
     def locate_resume_point(self) -> None:
         # Rank 0 may need MLflow to find the job folder; the others follow its answer.
@@ -374,6 +376,7 @@ class Job:
         self.loss_fn.load_state_dict(checkpoint["loss"])
         restore_rng(checkpoint["rng"], {"data_order": self.data_order})
         self.best = {key: value for key, value in checkpoint["metrics"].items() if key.startswith("best/")}
+        self.history = checkpoint_history(checkpoint)
         return checkpoint["epoch"] + 1
 
     # --- tracking -------------------------------------------------------------------------------
@@ -386,6 +389,7 @@ class Job:
             tracked = self.tracker.resume_run(self.resume_point.run_id)
         else:
             tracked = self.new_run()
+        tracked.resume_hint = f"resume={self.output_dir.resolve()}"
         if cfg.tracking.system_metrics:
             tracked.start_system_metrics()
         return tracked
@@ -431,7 +435,7 @@ class Job:
             log.info("%s: %d parameters, first_layer_norm at init %.4f, device %s", type(self.student).__name__,
                      parameter_count(self.student), self.init_norm, self.device)
         else:
-            tracked.log_metrics_once(self.resume_point.checkpoint["metrics"], step=first_epoch - 1)
+            tracked.log_missing_epochs(self.history)
 
     # --- train ----------------------------------------------------------------------------------
 
@@ -464,13 +468,14 @@ class Job:
             })
             if self.val_batches is not None:
                 metrics.update(self.validate(epoch, test_acc))
-            # The checkpoint (holding this epoch's metrics) goes first: a kill between the two
-            # writes is repaired on resume by log_metrics_once.
+            # The checkpoint (holding every epoch's metrics) goes first: a kill between the two
+            # writes, or an outage of the tracking server, is repaired on resume by log_missing_epochs.
+            self.history[epoch] = metrics
             state = self.checkpoint_state(tracked.run_id, epoch, metrics)
             interrupts.check()
             save_checkpoint(state, checkpoint_dir / f"epoch_{epoch:04d}.pt")
             keep_last(checkpoint_dir, "epoch_*.pt", cfg.checkpoint.keep_last)
-            tracked.log_metrics(metrics, step=epoch)
+            tracked.log_metrics(metrics, step=epoch, wait=False)  # kept for later while the server is away
             log.info("epoch %d/%d  train/loss %.4f  test/acc %.2f%%  test/loss %.4f  lr %.4g  %.1fs",
                      epoch, cfg.epochs, metrics["train/loss"], test_acc, test_loss, lr, epoch_seconds)
         return state
@@ -492,6 +497,7 @@ class Job:
             "rng": capture_rng({"data_order": self.data_order}),
             "config": OmegaConf.to_yaml(self.resolved),
             "identity": self.identity, "num_classes": self.student.num_classes, "metrics": metrics,
+            "history": {str(step): values for step, values in self.history.items()},
         }
 
     def finish(self, tracked, state: dict) -> Path:
@@ -543,6 +549,13 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
     else:
         log.info("finished %s: test/acc %.2f%% (run %s)", job.name, test_acc, tracked.run_id)
     return JobResult(tracked.run_id, test_acc, final, metrics.get("val/acc", test_acc))
+
+
+def checkpoint_history(checkpoint: dict) -> dict[int, dict]:
+    """{epoch: metrics} of every epoch a checkpoint has seen (only its own epoch for checkpoints
+    written before histories were kept)."""
+    history = checkpoint.get("history") or {str(checkpoint["epoch"]): checkpoint["metrics"]}
+    return {int(step): dict(values) for step, values in history.items()}
 
 
 def _has_epoch_checkpoint(job_folder: Path) -> bool:
