@@ -45,3 +45,61 @@ def test_torchrun_two_processes_one_run_per_job(tmp_path):
     artifacts = [a.path for a in client.list_artifacts(student.info.run_id, "checkpoints")]
     assert artifacts == ["checkpoints/final.pt"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("ddp")] == ["ddp-job"]
+
+
+DDP_JOB = ("data=synthetic", "debug=tiny", "epochs=3", "data.limit_train=1024", "optimizer=sgd",
+           "optimizer.lr=0.02", "scheduler=multistep", "scheduler.milestones=[2]")
+
+
+def torchrun(tmp_path: Path, name: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+            *DDP_JOB, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"cache.dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / name}", *overrides]
+
+
+def histories(client, run_id: str) -> dict:
+    keys = sorted(k for k in client.get_run(run_id).data.metrics if k != "epoch_seconds")
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
+def test_torchrun_job_with_a_killed_rank_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL to one of two ranks mid-epoch 2; torchrun ... resume=<job folder> ends with the
+    metrics and weights of the same job run without interruption."""
+    import os
+    import signal
+    import time
+
+    import psutil
+    import torch
+
+    baseline_store, store = tmp_path / "baseline", tmp_path / "killed"
+    done = subprocess.run(torchrun(baseline_store, "job"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(torchrun(store, "job"), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    first = store / "job" / "checkpoints" / "epoch_0001.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists():
+        assert launcher.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.02)
+    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    assert len(ranks) == 2, ranks
+    ranks[-1].send_signal(signal.SIGKILL)  # one rank dies, mid-epoch 2
+    assert launcher.wait(timeout=300) != 0
+    assert not (store / "job" / "checkpoints" / "final.pt").exists()
+
+    resumed = subprocess.run(torchrun(store, "resumed", f"resume={store / 'job'}"), cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    baseline_client, client = (MlflowClient(f"sqlite:///{folder / 'mlflow.db'}") for folder in (baseline_store, store))
+    (baseline_run,) = baseline_client.search_runs([e.experiment_id for e in baseline_client.search_experiments()])
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    assert histories(client, run.info.run_id) == histories(baseline_client, baseline_run.info.run_id)
+    final, expected = (load_checkpoint(folder / "job" / "checkpoints" / "final.pt") for folder in (store, baseline_store))
+    for key, tensor in expected["model"].items():
+        assert torch.equal(final["model"][key], tensor), key
