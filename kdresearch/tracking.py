@@ -31,8 +31,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# The experiment tag MLflow's UI reads to choose an experiment's landing page: without it, MLflow
-# 3 opens on the GenAI overview (traces, tokens); with this value, on the runs table.
+# The experiment kind MLflow 3 records for model-training experiments (its UI's experiment-type
+# setting writes this tag). The 3.17 UI does not yet choose its landing page from it: a browser
+# opens an experiment on the GenAI overview until "Model training" is chosen once (remembered by
+# the browser) or the link carries ?workflowType=machine_learning, as the links the project prints do.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # Stores MLflow can open; anything else (a typo such as htp://) gets one line instead of a traceback.
 KNOWN_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
@@ -213,6 +215,10 @@ class Tracker:
             if git is not None and git.dirty:
                 tracked.log_text(git.diff, "lineage/git_diff.patch")
         return tracked
+
+    def run_url(self, run_id: str) -> str:
+        """The run's page in the tracking server's UI, on the model-training view."""
+        return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
     def resume_run(self, run_id: str) -> "TrackedRun":
         self.client.update_run(run_id, status="RUNNING")

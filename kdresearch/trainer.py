@@ -429,6 +429,8 @@ class Job:
             return
         log.info("MLflow run %s (%s) in %s, experiment %s", tracked.run_id, self.name, self.tracker.uri,
                  self.cfg.tracking.experiment)
+        if self.tracker.uri.startswith(("http://", "https://")):
+            log.info("view it at %s", self.tracker.run_url(tracked.run_id))
         if self.resume_point is None:
             tracked.log_text(OmegaConf.to_yaml(self.resolved), "config/config.yaml")
             tracked.log_metrics({"first_layer_norm": self.init_norm}, step=0)

@@ -9,14 +9,9 @@ seeds 42 and 43, student KD at seed 42 (sweep "sweep-a"), and a multimargin stud
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +25,7 @@ from kdresearch.compare import (ARTIFACT_DIR, HISTORY_KEYS, Comparison, RunRecor
 from kdresearch.errors import KDResearchError
 from kdresearch.tracking import Tracker
 from kdresearch.trainer import run_job
+from browser import UI_TIMEOUT_MS, browser_page, mlflow_ui, require_browser
 from conftest import FAST
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -259,77 +255,27 @@ def test_compare_script(compared, tmp_path):
 
 # --- the MLflow UI in a real browser -------------------------------------------------------------------
 
-CHROMIUM = "/usr/bin/chromium"
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_health(url: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow ui exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                if response.read().strip() == b"OK":
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow ui did not answer {url}/health in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 def test_mlflow_ui_lists_runs_and_comparison(compared, tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "mlflow-ui.log"
+    require_browser()
+    experiment = compared.tracker.experiment_id
+    summary = compared.comparison.summary_run_id
     # The README's command, on the temporary store and a free port.
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", compared.uri,
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with log.open("w") as handle:
-        server = subprocess.Popen(command, cwd=tmp_path, stdout=handle, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    try:
-        _wait_for_health(url, server, log)
-        experiment = compared.tracker.experiment_id
-        summary = compared.comparison.summary_run_id
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1600, "height": 1000})
-                # MLflow 3's UI opens on its GenAI view; workflowType picks the "Model training" runs table.
-                page.goto(f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning",
-                          wait_until="domcontentloaded")
-                page.get_by_text("light-kd-T2", exact=True).first.wait_for(timeout=90_000)
-                page.screenshot(path=str(tmp_path / "mlflow-runs.png"))
-                for name in ("deep-ce", "light-ce", "light-kd-T2", "light-multimargin", "comparison-test"):
-                    assert page.get_by_text(name, exact=True).first.is_visible(), name
+    with mlflow_ui(compared.uri, tmp_path / "mlflow-ui.log") as url, browser_page(tmp_path) as page:
+        # MLflow 3's UI opens on its GenAI view; workflowType picks the "Model training" runs table.
+        page.goto(f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning",
+                  wait_until="domcontentloaded")
+        page.get_by_text("light-kd-T2", exact=True).first.wait_for(timeout=UI_TIMEOUT_MS)
+        page.screenshot(path=str(tmp_path / "mlflow-runs.png"))
+        for name in ("deep-ce", "light-ce", "light-kd-T2", "light-multimargin", "comparison-test"):
+            assert page.get_by_text(name, exact=True).first.is_visible(), name
 
-                page.goto(f"{url}/#/experiments/{experiment}/runs/{summary}/artifacts/{ARTIFACT_DIR}/comparison.md"
-                          f"?workflowType=machine_learning", wait_until="domcontentloaded")
-                page.get_by_text("comparison.png", exact=True).first.wait_for(timeout=60_000)
-                page.get_by_text("light-kd-T2").first.wait_for(timeout=60_000)  # the Markdown file's content
-                page.screenshot(path=str(tmp_path / "mlflow-comparison.png"))
-                for name in ("comparison.md", "comparison.csv", "comparison.png"):
-                    assert page.get_by_text(name, exact=True).first.is_visible(), name
-            finally:
-                browser.close()
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        page.goto(f"{url}/#/experiments/{experiment}/runs/{summary}/artifacts/{ARTIFACT_DIR}/comparison.md"
+                  f"?workflowType=machine_learning", wait_until="domcontentloaded")
+        page.get_by_text("comparison.png", exact=True).first.wait_for(timeout=60_000)
+        page.get_by_text("light-kd-T2").first.wait_for(timeout=60_000)  # the Markdown file's content
+        page.screenshot(path=str(tmp_path / "mlflow-comparison.png"))
+        for name in ("comparison.md", "comparison.csv", "comparison.png"):
+            assert page.get_by_text(name, exact=True).first.is_visible(), name
     assert (tmp_path / "mlflow-runs.png").stat().st_size > 10_000
     assert (tmp_path / "mlflow-comparison.png").stat().st_size > 10_000
 

@@ -126,6 +126,7 @@ def test_job_logs_to_tracking_server(tmp_path, mlflow_server):
     experiment = client.get_experiment_by_name("team")
     assert experiment is not None
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server
+    assert f"view it at {uri}/#/experiments/{experiment.experiment_id}/runs/" in done.output
     runs = client.search_runs([experiment.experiment_id])
     assert [(run.info.run_name, run.info.status) for run in runs] == [("light-ce", "FINISHED")]
     run = runs[0]

@@ -1,0 +1,132 @@
+"""Shared helpers for tests that drive the MLflow UI in a real browser: the `mlflow ui` server on a
+temporary store, and a headless page of Debian's Chromium driven by Playwright.
+
+Usage::
+
+    sync_api = require_browser()               # skips the test when Chromium or Playwright is missing
+    with mlflow_ui(uri, tmp_path / "mlflow-ui.log") as url, browser_page(tmp_path) as page:
+        page.goto(f"{url}/#/experiments/{experiment_id}", wait_until="domcontentloaded")
+        page.get_by_text("light-ce", exact=True).first.wait_for(timeout=UI_TIMEOUT_MS)
+
+The UI keeps polling the server, so pages are awaited with `domcontentloaded` and locators, never
+with `networkidle`. Playwright's own browser download does not work here: the browser is the
+system's /usr/bin/chromium (apt-get install chromium).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1600, "height": 1000}
+UI_TIMEOUT_MS = 90_000  # for one locator: the first page load compiles and fetches a large bundle
+SERVER_START_SECONDS = 180  # the first start of `mlflow ui` on a fresh store can take ~20 s, more when busy
+SERVER_STOP_SECONDS = 30
+
+
+def require_browser():
+    """playwright.sync_api, or a skip saying what is missing. Call it before any costly set-up."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium)")
+    return pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _log_tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+
+
+def wait_for_health(url: str, server: subprocess.Popen, log: Path, timeout: float = SERVER_START_SECONDS) -> None:
+    """Return once `url`/health answers OK; fail with the server's log when it exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow ui exited with {server.returncode}:\n{_log_tail(log)}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                if response.read().strip() == b"OK":
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"mlflow ui did not answer {url}/health in {timeout:.0f} s:\n{_log_tail(log)}")
+
+
+def stop_group(process: subprocess.Popen, timeout: float = SERVER_STOP_SECONDS) -> None:
+    """End a process started with `start_new_session=True` and everything it started (the server's
+    workers): SIGTERM to its group, SIGKILL when it is still there after `timeout` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # the leader may be gone while its workers still hold the group
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+@contextmanager
+def mlflow_ui(uri: str, log_path: Path, timeout: float = SERVER_START_SECONDS) -> Iterator[str]:
+    """`python -m mlflow ui` (the README's command) on the tracking store `uri` and a free port, as
+    its own process group; yields its base URL once /health answers, and always stops the group.
+    The server's output goes to `log_path`; it runs in that file's folder."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with log_path.open("w") as handle:
+        server = subprocess.Popen(command, cwd=log_path.parent, stdout=handle, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        wait_for_health(url, server, log_path, timeout)
+        yield url
+    finally:
+        stop_group(server)
+
+
+@contextmanager
+def browser_page(screenshots: Optional[Path] = None, viewport: Optional[dict] = None):
+    """A page of headless Chromium (skips when there is none); the browser is always closed.
+
+    With `screenshots`, a failure inside the block leaves `failure.png` of the page there first."""
+    sync_api = require_browser()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport=viewport or VIEWPORT)
+            try:
+                yield page
+            except BaseException:
+                if screenshots is not None:
+                    try:
+                        page.screenshot(path=str(Path(screenshots) / "failure.png"))
+                    except Exception:  # the page may be what failed; the original error matters
+                        pass
+                raise
+        finally:
+            browser.close()
