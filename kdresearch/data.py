@@ -46,8 +46,9 @@ class Dataset(Protocol):
 
     def batches(self, split: str, batch_size: int, device: torch.device,
                 generator: Optional[torch.Generator] = None, channels_last: bool = False,
-                augment: bool = False, shard: tuple[int, int] = (0, 1)):
-        """A re-iterable of (normalised images, labels, sample index) with len() = batches per pass."""
+                augment: bool = False, shard: tuple[int, int] = (0, 1), augment_seed: int = 0):
+        """A re-iterable of (normalised images, labels, sample index) with len() = batches per pass;
+        with `augment`, each epoch's views (`set_epoch`) follow from `augment_seed`."""
 
 
 class LabelledSplits:
@@ -106,11 +107,12 @@ class ImageData(LabelledSplits):
 
     def batches(self, split: str, batch_size: int, device: torch.device,
                 generator: Optional[torch.Generator] = None, channels_last: bool = False,
-                augment: bool = False, shard: tuple[int, int] = (0, 1)) -> "BatchIterator":
+                augment: bool = False, shard: tuple[int, int] = (0, 1), augment_seed: int = 0) -> "BatchIterator":
         """Batches of the `train`, `val` or `test` split (see BatchIterator)."""
         images, labels = {"train": (self.train_images, self.train_labels), "val": (self.val_images, self.val_labels),
                           "test": (self.test_images, self.test_labels)}[split]
-        return BatchIterator(images, labels, self, batch_size, device, generator, channels_last, augment, shard)
+        return BatchIterator(images, labels, self, batch_size, device, generator, channels_last, augment, shard,
+                             augment_seed)
 
     def _hash(self) -> str:
         digest = hashlib.sha256()
@@ -435,13 +437,23 @@ def make_synthetic(num_train: int = 2000, num_test: int = 500, num_classes: int 
 
 # --- batches ----------------------------------------------------------------------------------
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """The usual CIFAR augmentation, per sample: a random 32x32 crop of the zero-padded image
-    (shifts of up to `padding` pixels) and a horizontal flip with probability 1/2."""
-    count, _, height, width = images.shape
-    padded = torch.nn.functional.pad(images, (padding,) * 4)
+def view_parameters(count: int, augment_seed: int, epoch: int, padding: int = 4) -> tuple[torch.Tensor, ...]:
+    """The usual CIFAR augmentation's random choices for every training image of one epoch: row and
+    column shifts of the zero-padded image (0 .. 2*padding) and a horizontal flip with probability
+    1/2. They depend on (augment_seed, epoch, sample index) only, not on the data order, the batch
+    size or the student, so every job with the same augmentation seed sees the same views in an
+    epoch, and their teacher outputs can be computed once (kdresearch.teacher_outputs)."""
+    generator = torch.Generator().manual_seed((augment_seed * 1_000_003 + epoch) % 2**63)
     dy, dx = (torch.randint(0, 2 * padding + 1, (count,), generator=generator) for _ in range(2))
     flip = torch.rand(count, generator=generator) < 0.5
+    return dy, dx, flip
+
+
+def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+              padding: int = 4) -> torch.Tensor:
+    """Each image's 32x32 crop of the zero-padded image at (dy, dx), flipped where `flip`."""
+    count, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
     rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
     columns = torch.arange(width).expand(count, width)
     columns = torch.where(flip[:, None], columns.flip(1), columns) + dx[:, None]
@@ -485,19 +497,23 @@ class Batches:
     `generator` (a CPU torch.Generator) shuffles once per pass; its state belongs to the
     training run's checkpoint. None means the stored order (evaluation). With `shard=(rank, size)`
     each of `size` data-parallel processes draws the same permutation and takes every size-th
-    sample of each global batch, so `batch_size` stays the global batch size.
+    sample of each global batch, so `batch_size` stays the global batch size. With `augment`,
+    each image is seen as its view of the current epoch (`set_epoch`, see `view_parameters`).
     """
 
     def __init__(self, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float], batch_size: int,
                  device: torch.device, generator: Optional[torch.Generator] = None,
-                 channels_last: bool = False, augment: bool = False, shard: tuple[int, int] = (0, 1)):
-        if augment and generator is None:
-            raise ValueError("augmentation draws from the shuffling generator; pass one")
+                 channels_last: bool = False, augment: bool = False, shard: tuple[int, int] = (0, 1),
+                 augment_seed: int = 0):
         self.labels = labels
         self.batch_size, self.device, self.generator = batch_size, device, generator
-        self.augment = augment
+        self.augment, self.augment_seed, self.epoch = augment, augment_seed, 1
         self.shard = shard  # data-parallel: (this process's rank, number of processes)
         self.normalize = Normalizer(mean, std, device, channels_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmented views the next passes yield."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return (len(self.labels) + self.batch_size - 1) // self.batch_size
@@ -506,10 +522,14 @@ class Batches:
         """This pass's permutation (None: stored order); draws from the generator."""
         return torch.randperm(len(self.labels), generator=self.generator) if self.generator is not None else None
 
-    def finish(self, images: torch.Tensor, index: torch.Tensor):
+    def views(self) -> Optional[tuple[torch.Tensor, ...]]:
+        """This epoch's view parameters of every sample (None without augmentation)."""
+        return view_parameters(len(self.labels), self.augment_seed, self.epoch) if self.augment else None
+
+    def finish(self, images: torch.Tensor, index: torch.Tensor, views: Optional[tuple[torch.Tensor, ...]]):
         """(normalised images, labels, index) of one batch of uint8 images."""
-        if self.augment:
-            images = random_crop_flip(images, self.generator)
+        if views is not None:
+            images = crop_flip(images, *(choice[index] for choice in views))
         return self.normalize(images), self.labels[index].to(self.device, non_blocking=True), index
 
 
@@ -518,16 +538,18 @@ class BatchIterator(Batches):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, data: ImageData, batch_size: int,
                  device: torch.device, generator: Optional[torch.Generator] = None,
-                 channels_last: bool = False, augment: bool = False, shard: tuple[int, int] = (0, 1)):
-        super().__init__(labels, data.mean, data.std, batch_size, device, generator, channels_last, augment, shard)
+                 channels_last: bool = False, augment: bool = False, shard: tuple[int, int] = (0, 1),
+                 augment_seed: int = 0):
+        super().__init__(labels, data.mean, data.std, batch_size, device, generator, channels_last, augment, shard,
+                         augment_seed)
         self.images = images
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yields (images, labels, index): index says which stored samples the batch holds."""
-        order = self.order()
+        order, views = self.order(), self.views()
         for index in batch_indices(len(self.labels), self.batch_size, order, self.shard):
             if order is None:  # contiguous: slicing avoids a gather copy
                 images = self.images[int(index[0]):int(index[-1]) + 1]
             else:
                 images = self.images[index]
-            yield self.finish(images, index)
+            yield self.finish(images, index, views)

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from kdresearch.tracking import flatten
 
 # Top-level config nodes whose keys determine the trained weights.
-TRAINING_ROOTS = ("model", "loss", "optimizer", "scheduler", "seed", "epochs", "batch_size", "data", "teacher")
+TRAINING_ROOTS = ("model", "loss", "optimizer", "scheduler", "seed", "augment_seed", "epochs", "batch_size", "data",
+                  "teacher")
 # Keys under those roots that say where things are, not what is trained.
 LOCATION_KEYS = {"data.root", "data.download", "data.verify", "data.num_workers",
                  "teacher.checkpoint", "teacher.run_id"}

@@ -14,7 +14,8 @@ rebuilds its study from MLflow before it proposes anything (`ResumableOptunaSwee
   with a validation split, else the last `test/acc`); it counts towards `n_trials`, so only the
   remaining `n_trials - k` trials run and the best value reported is the best of all;
 - a KILLED run, or one left RUNNING by a killed process, is an interrupted trial: its parameters
-  are proposed again first (unless a FINISHED run already has them);
+  are proposed again first (unless a FINISHED run already has them), and its job then continues
+  that run from its last checkpoint if it left one (kdresearch.trainer, a sweep run again);
 - a FAILED run is a failed trial: recorded as such, not counted, not proposed again;
 - the sampler is brought to the state it had after proposing the recorded trials (they are
   proposed again, one batch of `n_jobs` at a time, on a scratch study and told their recorded

@@ -93,19 +93,22 @@ class StreamingBatches(Batches):
 
     def __init__(self, files: ImageFiles, labels: torch.Tensor, data: "ImageFolderData", batch_size: int,
                  device: torch.device, generator: Optional[torch.Generator] = None,
-                 channels_last: bool = False, augment: bool = False, shard: tuple[int, int] = (0, 1)):
-        super().__init__(labels, data.mean, data.std, batch_size, device, generator, channels_last, augment, shard)
+                 channels_last: bool = False, augment: bool = False, shard: tuple[int, int] = (0, 1),
+                 augment_seed: int = 0):
+        super().__init__(labels, data.mean, data.std, batch_size, device, generator, channels_last, augment, shard,
+                         augment_seed)
         self.files = files
         self.num_workers = data.num_workers
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         batches = list(batch_indices(len(self.labels), self.batch_size, self.order(), self.shard))
+        views = self.views()
         loader = torch.utils.data.DataLoader(self.files, batch_sampler=[index.tolist() for index in batches],
                                              num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda")
         try:
             for index, images in zip(batches, loader):
-                yield self.finish(images, index)
+                yield self.finish(images, index, views)
         except KDResearchError as error:
             # DataLoader's re-raised error sits in a reference cycle with its traceback, whose
             # frames hold the loader's iterator: left to the garbage collector, the workers' queues
@@ -136,11 +139,11 @@ class ImageFolderData(LabelledSplits):
 
     def batches(self, split: str, batch_size: int, device: torch.device,
                 generator: Optional[torch.Generator] = None, channels_last: bool = False,
-                augment: bool = False, shard: tuple[int, int] = (0, 1)) -> StreamingBatches:
+                augment: bool = False, shard: tuple[int, int] = (0, 1), augment_seed: int = 0) -> StreamingBatches:
         files, labels = {"train": (self.train_files, self.train_labels), "val": (self.val_files, self.val_labels),
                          "test": (self.test_files, self.test_labels)}[split]
         return StreamingBatches(ImageFiles(files), labels, self, batch_size, device, generator,
-                                channels_last, augment, shard)
+                                channels_last, augment, shard, augment_seed)
 
     def fingerprint(self) -> str:
         """Content hash of every file (with its place and label) and of the preprocessing; it

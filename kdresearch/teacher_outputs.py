@@ -63,9 +63,12 @@ LOCK_POLL_S = 1.0
 
 
 class OnlineTeacher:
-    """Runs the teacher on every batch (needed when inputs are randomly augmented)."""
+    """Runs the teacher on every batch."""
 
     used_cache = False
+
+    def start_epoch(self, epoch: int) -> None:
+        pass
 
     def __init__(self, teacher: nn.Module, device: torch.device, precision: str):
         self.teacher = teacher
@@ -86,6 +89,9 @@ class CachedTeacher:
         self.outputs = outputs
         self.device = device
         self.num_stages = num_stages
+
+    def start_epoch(self, epoch: int) -> None:
+        pass  # the same outputs in every epoch: the inputs are not augmented
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ModelOutputs:
         return assemble_outputs({
@@ -123,9 +129,9 @@ def cache_key(teacher: nn.Module, data: Dataset, precision: str, channels_last: 
 
 
 @torch.no_grad()
-def _compute(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, device: torch.device,
-             precision: str, channels_last: bool) -> dict[str, torch.Tensor]:
-    batches = data.batches("train", 256, device, channels_last=channels_last)
+def _compute(teacher: nn.Module, fields: tuple[str, ...], batches, device: torch.device,
+             precision: str) -> dict[str, torch.Tensor]:
+    """The teacher's `fields` for every training sample, in stored order (`batches` unshuffled)."""
     parts: dict[str, list[torch.Tensor]] = {field: [] for field in fields}
     for images, _, _ in batches:
         interrupts.check()
@@ -248,49 +254,104 @@ def _enforce_size_limit(folder: Path, max_bytes: float) -> None:
             log.info("teacher cache: removed least recently used %s (cache.max_gb)", path.name)
 
 
+def _cached(path: Path, expected: dict[str, tuple[int, ...]], compute, max_gb: float) -> Optional[dict]:
+    """The entry at `path`: read when whole and fitting `expected`, else built with `compute()` and
+    saved (parallel jobs build it once, under its lock). None when the cache cannot be used (a
+    read-only or full file system): the caller runs the teacher online."""
+    folder = path.parent
+    try:
+        lock = _acquire(folder / ".locks" / f"{path.name}.lock")  # parallel jobs build it once
+    except OSError as error:  # a read-only or full file system, no permission
+        log.warning("teacher cache: cannot use %s (%s); running the teacher online", folder, error)
+        return None
+    try:
+        outputs = _read_entry(path, expected) if path.is_file() else None
+        if outputs is not None:
+            log.info("teacher outputs: cached, read from %s", path)
+            return outputs
+        outputs = compute()
+        size_gb = sum(t.numel() * t.element_size() for t in outputs.values()) / 1e9
+        try:
+            _save_entry(outputs, path)  # leaves no partial file when it fails
+        except KDResearchError as error:
+            # A full disk costs speed, never the run. The outputs just computed are dropped: the
+            # job runs as one without a cache (tag teacher_cache=online) instead of holding up to
+            # cache.max_gb of them in host memory for the whole run.
+            log.warning("teacher cache: %s; running the teacher online", str(error).replace("\n", " "))
+            return None
+        _enforce_size_limit(folder, max_gb * 1e9)
+        log.info("teacher outputs: cached, built and saved to %s (%.2f GB)", path, size_gb)
+        return outputs
+    finally:
+        lock.release()
+
+
+class ViewsTeacher:
+    """Teacher outputs for the augmented views of each epoch (kdresearch.data.view_parameters),
+    computed once per (teacher, data, augmentation seed, epoch) and shared by every job that sees
+    the same views: the jobs of a sweep over anything but the augmentation seed. At the start of
+    each epoch the epoch's entry is read, or built with one teacher pass over that epoch's views."""
+
+    used_cache = True
+
+    def __init__(self, teacher: nn.Module, fields: tuple[str, ...], data: Dataset, device: torch.device,
+                 precision: str, channels_last: bool, augment_seed: int, path_of_epoch, max_gb: float):
+        self.teacher, self.fields, self.data = teacher, fields, data
+        self.device, self.precision, self.channels_last = device, precision, channels_last
+        self.augment_seed, self.path_of_epoch, self.max_gb = augment_seed, path_of_epoch, max_gb
+        self.expected = {field: (data.train_size, *shape) for field, shape in sample_shapes(teacher, fields).items()}
+        self.current: Optional[CachedTeacher | OnlineTeacher] = None
+
+    def start_epoch(self, epoch: int) -> None:
+        batches = self.data.batches("train", 256, self.device, channels_last=self.channels_last, augment=True,
+                                    augment_seed=self.augment_seed)
+        batches.set_epoch(epoch)
+        outputs = _cached(self.path_of_epoch(epoch), self.expected,
+                          lambda: _compute(self.teacher, self.fields, batches, self.device, self.precision),
+                          self.max_gb)
+        if outputs is None:
+            self.used_cache = False
+            self.current = OnlineTeacher(self.teacher, self.device, self.precision)
+        else:
+            self.current = CachedTeacher(outputs, self.device, len(self.teacher.stage_channels))
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ModelOutputs:
+        return self.current(images, index)
+
+
 def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, device: torch.device,
-                    precision: str, channels_last: bool, augment: bool, cache_cfg):
-    """An `OnlineTeacher` or a `CachedTeacher` (built or read from disk) for this job."""
+                    precision: str, channels_last: bool, augment: bool, cache_cfg, augment_seed: int = 0,
+                    epochs: int = 1):
+    """What the loss reads from the teacher for this job: an `OnlineTeacher`, a `CachedTeacher`
+    (built or read from disk) or, with augmentation, a `ViewsTeacher` (one entry per epoch)."""
     reason = None
-    if augment:
-        reason = "data.augment is on"
-    elif not cache_cfg.enabled:
+    size_gb = cache_entry_bytes(teacher, fields, data.train_size, precision) / 1e9
+    if not cache_cfg.enabled:
         reason = "cache.enabled=false"
-    else:
-        size_gb = cache_entry_bytes(teacher, fields, data.train_size, precision) / 1e9
-        if size_gb > cache_cfg.max_gb:
-            reason = f"the outputs would take {size_gb:.1f} GB, over cache.max_gb={cache_cfg.max_gb:g}"
+    elif size_gb > cache_cfg.max_gb:
+        reason = f"the outputs would take {size_gb:.1f} GB{' per epoch' if augment else ''}, " \
+                 f"over cache.max_gb={cache_cfg.max_gb:g}"
     if reason:
         log.info("teacher outputs: computed online (%s)", reason)
         return OnlineTeacher(teacher, device, precision)
     folder = Path(cache_cfg.dir).expanduser() if cache_cfg.dir else DEFAULT_CACHE_DIR
     key = cache_key(teacher, data, precision, channels_last)
+    if augment:
+        if size_gb * epochs > cache_cfg.max_gb:
+            log.info("teacher outputs: the views of all %d epochs take %.1f GB, over cache.max_gb=%g: jobs after "
+                     "this one may find early epochs evicted and compute them again", epochs, size_gb * epochs,
+                     cache_cfg.max_gb)
+        log.info("teacher outputs: computed once per epoch of augmented views (augmentation seed %d) and shared",
+                 augment_seed)
+        return ViewsTeacher(teacher, fields, data, device, precision, channels_last, augment_seed,
+                            lambda epoch: folder / f"{key}-views{augment_seed}-epoch{epoch}-{'-'.join(fields)}.pt",
+                            cache_cfg.max_gb)
     path = folder / f"{key}-{'-'.join(fields)}.pt"
     expected = {field: (data.train_size, *shape) for field, shape in sample_shapes(teacher, fields).items()}
-    try:
-        lock = _acquire(folder / ".locks" / f"{path.name}.lock")  # parallel jobs build it once
-    except OSError as error:  # a read-only or full file system, no permission
-        log.warning("teacher cache: cannot use %s (%s); running the teacher online", folder, error)
+    batches = data.batches("train", 256, device, channels_last=channels_last)
+    outputs = _cached(path, expected, lambda: _compute(teacher, fields, batches, device, precision), cache_cfg.max_gb)
+    if outputs is None:
         return OnlineTeacher(teacher, device, precision)
-    try:
-        outputs = _read_entry(path, expected) if path.is_file() else None
-        if outputs is not None:
-            log.info("teacher outputs: cached, read from %s", path)
-        else:
-            outputs = _compute(teacher, fields, data, device, precision, channels_last)
-            size_gb = sum(t.numel() * t.element_size() for t in outputs.values()) / 1e9
-            try:
-                _save_entry(outputs, path)  # leaves no partial file when it fails
-            except KDResearchError as error:
-                # A full disk costs speed, never the run. The outputs just computed are dropped: the
-                # job runs as one without a cache (tag teacher_cache=online) instead of holding up to
-                # cache.max_gb of them in host memory for the whole run.
-                log.warning("teacher cache: %s; running the teacher online", str(error).replace("\n", " "))
-                return OnlineTeacher(teacher, device, precision)
-            _enforce_size_limit(folder, cache_cfg.max_gb * 1e9)
-            log.info("teacher outputs: cached, built and saved to %s (%.2f GB)", path, size_gb)
-    finally:
-        lock.release()
     return CachedTeacher(outputs, device, len(teacher.stage_channels))
 
 

@@ -81,9 +81,11 @@ def build(node: DictConfig, group: str, *args):
 def check_config(cfg: DictConfig) -> None:
     """The top-level keys users type; Hydra passes any string through, so check them here,
     before anything starts (an error after the first epoch would waste it)."""
-    for key, minimum, maximum in (("epochs", 1, None), ("batch_size", 1, None), ("seed", 0, 2**32 - 1),
-                                  ("checkpoint.keep_last", 0, None), ("teacher.epochs", 1, None),
-                                  ("teacher.batch_size", 1, None)):
+    integers = [("epochs", 1, None), ("batch_size", 1, None), ("seed", 0, 2**32 - 1),
+                ("checkpoint.keep_last", 0, None), ("teacher.epochs", 1, None), ("teacher.batch_size", 1, None)]
+    if cfg.augment_seed is not None:  # null: the views follow `seed`
+        integers.append(("augment_seed", 0, 2**32 - 1))
+    for key, minimum, maximum in integers:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
                 maximum is not None and value > maximum):
@@ -220,6 +222,7 @@ class Job:
         self.world = distributed.init(device.type)
         self.device = distributed.device_for(self.world, device)
         self.memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
+        self.augment_seed = cfg.seed if cfg.augment_seed is None else cfg.augment_seed
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
         self.params = flatten({k: v for k, v in self.resolved.items() if k not in resume.FREE_KEYS})
         check_param_keys(self.params)  # a key MLflow refuses (`+a$b=1`) fails here, before any work
@@ -268,7 +271,7 @@ class Job:
         self.data_order = torch.Generator().manual_seed(cfg.seed)
         self.train_batches = self.data.batches("train", cfg.batch_size, self.device, generator=self.data_order,
                                                channels_last=cfg.device.channels_last, augment=self.data.augment,
-                                               shard=(world.rank, world.size))
+                                               shard=(world.rank, world.size), augment_seed=self.augment_seed)
         self.test_batches = self.data.batches("test", 256, self.device, channels_last=cfg.device.channels_last)
         self.val_batches = (self.data.batches("val", 256, self.device, channels_last=cfg.device.channels_last)
                             if self.data.has_validation else None)
@@ -360,7 +363,7 @@ class Job:
             teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
             self.teacher_outputs = build_teacher_outputs(
                 teacher, self.loss_fn.teacher_fields, self.data, self.device, cfg.device.precision,
-                cfg.device.channels_last, self.data.augment, cfg.cache)
+                cfg.device.channels_last, self.data.augment, cfg.cache, self.augment_seed, cfg.epochs)
         self.teacher_run_id = run_id
 
     # --- restore --------------------------------------------------------------------------------
@@ -452,6 +455,9 @@ class Job:
         for epoch in range(first_epoch, cfg.epochs + 1):
             started = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]  # the lr this epoch trains with
+            self.train_batches.set_epoch(epoch)  # this epoch's augmented views
+            if self.teacher_outputs is not None:
+                self.teacher_outputs.start_epoch(epoch)
             metrics = train_one_epoch(trained, self.loss_fn, loss_call, self.teacher_outputs, self.optimizer,
                                       self.train_batches, epoch, cfg, self.device)
             self.scheduler.step()

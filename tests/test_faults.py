@@ -421,8 +421,8 @@ def test_resume_locate_by_run_id_and_its_errors(tmp_path):
     shutil.copy(empty_store(), store / "mlflow.db")
     tracker = Tracker(tracking_uri(store), EXPERIMENT)
     folder = tmp_path / "job"
-    ckpt.save_checkpoint({**sample_state(), "run_id": "r1"}, folder / "checkpoints" / "epoch_0001.pt")
     here = tracker.start_run("light-ce", {"output_dir": str(folder)}, {})
+    ckpt.save_checkpoint({**sample_state(), "run_id": here.run_id}, folder / "checkpoints" / "epoch_0001.pt")
     gone = tracker.start_run("light-ce", {"output_dir": str(tmp_path / "elsewhere")}, {})
 
     point = resume.locate(here.run_id, tracker)

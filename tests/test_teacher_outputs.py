@@ -1,5 +1,5 @@
 """The teacher-output cache: same results as running the teacher online, reused across runs,
-rebuilt when the teacher or the data change, and bypassed under random augmentation."""
+rebuilt when the teacher or the data change, and with augmentation kept per epoch of views."""
 
 from pathlib import Path
 
@@ -77,9 +77,52 @@ def test_cache_is_reused_and_keyed_by_teacher_and_data(tmp_path):
     assert cache_key(teacher, data, "fp32", True) != key
 
 
-def test_augmentation_runs_the_teacher_online(tmp_path):
+def test_augmented_views_depend_on_seed_epoch_and_sample_only():
+    """A sample's view is the same whatever the batch size, data order or shard; it changes with
+    the epoch and the augmentation seed."""
     data = make_synthetic(num_train=64, num_test=16, augment=True)
-    cfg = OmegaConf.create({"enabled": True, "dir": str(tmp_path), "max_gb": 1.0})
-    provider = teacher_outputs(DeepNN().eval(), ("logits",), data, torch.device("cpu"), "fp32", True, True, cfg)
-    assert isinstance(provider, OnlineTeacher)
-    assert not list(tmp_path.glob("*.pt"))
+    device = torch.device("cpu")
+
+    def views(batch_size, order_seed, epoch, augment_seed=7, shard=(0, 1)):
+        batches = data.batches("train", batch_size, device, generator=torch.Generator().manual_seed(order_seed),
+                               augment=True, augment_seed=augment_seed, shard=shard)
+        batches.set_epoch(epoch)
+        seen = {}
+        for images, _, index in batches:
+            seen.update({int(i): image for i, image in zip(index, images)})
+        return seen
+
+    reference = views(16, 0, epoch=1)
+    assert len(reference) == 64
+    for other in (views(64, 1, epoch=1), {**views(8, 2, 1, shard=(0, 2)), **views(8, 2, 1, shard=(1, 2))}):
+        assert all(torch.equal(other[i], reference[i]) for i in range(64))
+    assert not all(torch.equal(views(16, 0, epoch=2)[i], reference[i]) for i in range(64))
+    assert not all(torch.equal(views(16, 0, 1, augment_seed=8)[i], reference[i]) for i in range(64))
+
+
+def test_augmented_views_teacher_equals_online_and_is_shared(tmp_path, teacher_checkpoint):
+    """With data.augment, the teacher's outputs for each epoch's views are computed once and read by
+    every job with the same augmentation seed; the metrics equal the online computation's."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    common = ("loss=kd", f"teacher.checkpoint={teacher_checkpoint}", "data.augment=true", "augment_seed=5")
+
+    def run(*overrides):
+        result = run_job(compose_job(tmp_path, *common, *overrides), tmp_path / f"job-{len(overrides)}-{overrides}")
+        run = client.get_run(result.run_id)
+        keys = [key for key in run.data.metrics if key != "epoch_seconds"]
+        return run, metric_history(client, result.run_id, keys)
+
+    shared_run, shared = run()
+    online_run, online = run("cache.enabled=false")
+    assert (shared_run.data.tags["teacher_cache"], online_run.data.tags["teacher_cache"]) == ("used", "online")
+    for key, values in shared.items():
+        assert [v for _, v in values] == pytest.approx([v for _, v in online[key]], rel=1e-4, abs=1e-4), key
+    entries = sorted(path.name for path in (tmp_path / "cache").glob("*.pt"))
+    assert len(entries) == 2 and all("-views5-epoch" in name for name in entries)  # one per epoch
+
+    files = {path: path.stat().st_ino for path in (tmp_path / "cache").glob("*.pt")}  # a rebuild renames a new file in
+    run("seed=3", "T=4")  # another student seed and temperature, the same views: read, not rebuilt
+    assert {path: path.stat().st_ino for path in files} == files
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    run("augment_seed=6")  # other views: other entries
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 4
