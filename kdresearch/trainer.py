@@ -171,19 +171,28 @@ def evaluate(model: nn.Module, batches, device: torch.device, precision: str) ->
 
 # --- the job --------------------------------------------------------------------------------------
 
+PROGRESS_EVERY = 25  # steps between progress-bar loss updates (each reads the loss: a device sync)
+
+
 def train_one_epoch(student, loss_fn, loss_call, teacher_outputs, optimizer, batches, epoch, cfg, device) -> dict:
     """One pass over the training batches; returns the mean of each loss part as train/<part>.
 
-    `loss_call` is `loss_fn` itself, or its DDP wrapper when the loss owns parameters.
+    `loss_call` is `loss_fn` itself, or its DDP wrapper when the loss owns parameters. The loss
+    and its parts are summed on the device and read once, at the end of the epoch (a read per
+    step would make the host wait for the device every step); a non-finite loss is reported
+    then, with the first step where it appeared.
     """
     student.train()
     loss_fn.train()
-    sums: dict[str, float] = defaultdict(float)
-    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-               disable=cfg.quiet, leave=False, dynamic_ncols=True)
+    steps = len(batches)
+    losses = torch.zeros(steps, device=device)  # every step's total loss, read once at the end
+    part_sums: dict[str, torch.Tensor] = {}
+    show = not cfg.quiet
+    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not show, leave=False,
+               dynamic_ncols=True)
     for step, (images, labels, index) in enumerate(bar, start=1):
         interrupts.check()
-        progress = Progress(epoch, step, cfg.epochs, len(batches), index)
+        progress = Progress(epoch, step, cfg.epochs, steps, index)
         with devices.autocast(device, cfg.device.precision):
             student_out = forward(student, images, loss_fn.student_features)
             teacher_out = teacher_outputs(images, index) if teacher_outputs else None
@@ -191,17 +200,22 @@ def train_one_epoch(student, loss_fn, loss_call, teacher_outputs, optimizer, bat
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-        value = total.item()
-        if not math.isfinite(value):
-            raise KDResearchError(
-                f"training diverged: the loss is {value} at epoch {epoch}, step {step}; "
-                f"try a lower optimizer.lr"
-            )
-        sums["train/loss"] += value
+        losses[step - 1] = total.detach()
         for name, part in parts.items():
-            sums[f"train/{name}"] += part.item()
-        bar.set_postfix(loss=f"{sums['train/loss'] / step:.4f}", refresh=False)
-    return {key: value_sum / len(batches) for key, value_sum in sums.items()}
+            value = part.detach().float()
+            part_sums[name] = part_sums[name] + value if name in part_sums else value
+        if show and step % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{losses[:step].mean().item():.4f}", refresh=False)
+    finite = torch.isfinite(losses)
+    if not bool(finite.all()):
+        step = int((~finite).nonzero()[0]) + 1
+        raise KDResearchError(
+            f"training diverged: the loss is {losses[step - 1].item()} at epoch {epoch}, step {step}; "
+            f"try a lower optimizer.lr"
+        )
+    means = {"train/loss": float(losses.mean())}
+    means.update({f"train/{name}": float(value) / steps for name, value in part_sums.items()})
+    return means
 
 
 class Job:

@@ -165,3 +165,25 @@ def test_in_place_relus_give_the_tutorials_gradients(ours, theirs):
 def test_num_classes():
     assert DeepNN(num_classes=100)(torch.randn(2, 3, 32, 32)).shape == (2, 100)
     assert LightNN(num_classes=7)(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("model_class", [LightNN, DeepNN])
+def test_tutorial_networks_pool_before_relu_is_the_same_function(model_class):
+    """outputs() pools before the ReLU that precedes each max-pool (faster); values and
+    gradients equal the literal layer order's bit for bit."""
+    torch.manual_seed(0)
+    fast, literal = model_class(), model_class()
+    literal.load_state_dict(fast.state_dict())
+    images = torch.randn(8, 3, 32, 32)
+    torch.manual_seed(1)  # the same dropout masks
+    out = fast(images, with_features=True)
+    torch.manual_seed(1)
+    reference = literal.classifier(torch.flatten(literal.features(images), 1))
+    assert torch.equal(out.logits, reference)
+    out.logits.square().sum().backward()
+    reference.square().sum().backward()
+    for (name, a), b in zip(fast.named_parameters(), literal.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    pooled = [torch.flatten(literal.features[:index + 1](images), 1) for index, layer in enumerate(literal.features)
+              if isinstance(layer, torch.nn.MaxPool2d)]
+    assert all(torch.equal(torch.flatten(stage, 1), ref) for stage, ref in zip(out.stages, pooled))
