@@ -11,7 +11,6 @@ import logging
 import math
 import random
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional

@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -86,6 +85,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from kdresearch import devices  # noqa: E402
 from kdresearch.data import make_synthetic  # noqa: E402
+from kdresearch.lineage import cpu_model  # noqa: E402
 from kdresearch.trainer import build, seed_everything, train_one_epoch  # noqa: E402
 
 DEFAULT_MODELS = ("resnet20", "resnet8x4", "resnet32x4", "wrn_40_2", "ShuffleV2")
@@ -103,16 +103,6 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
 
 # --- environment --------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
 
 def cpu_flags() -> set[str]:
     try:

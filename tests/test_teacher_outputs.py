@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from kdresearch.data import make_synthetic
 from kdresearch.models import DeepNN
-from kdresearch.teacher_outputs import CachedTeacher, OnlineTeacher, cache_key, teacher_outputs
+from kdresearch.teacher_outputs import CachedTeacher, cache_key, teacher_outputs
 from kdresearch.tracking import metric_history
 from kdresearch.trainer import run_job
 from conftest import FAST
