@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from kdresearch.data import ImageData  # noqa: E402
-from kdresearch.models import DeepNN, LightNN  # noqa: E402
+from kdresearch.models import DeepNN, LightNN, ModelOutputs  # noqa: E402
 from kdresearch.reproduce import TUTORIAL_TEACHER_RECIPE  # noqa: E402
 from kdresearch.trainer import build, run_job  # noqa: E402
 
@@ -123,10 +123,24 @@ def tutorial_test(model, test_loader):
 
 
 def as_written(model: nn.Module) -> nn.Module:
-    """The tutorial's ReLUs allocate their output; kdresearch's models work in place."""
+    """The tutorial's network as it runs there: ReLUs that allocate their output (kdresearch's work
+    in place) and its layers in their literal order (kdresearch pools before each block's last
+    ReLU: the same values, less work), features -> flatten -> classifier."""
     for module in model.modules():
         if isinstance(module, nn.ReLU):
             module.inplace = False
+
+    def literal_outputs(x):
+        stages = []
+        for layer in model.features:
+            x = layer(x)
+            if isinstance(layer, nn.MaxPool2d):
+                stages.append(x)
+        hidden = torch.flatten(x, 1)
+        embedding = model.classifier[:-1](hidden)
+        return ModelOutputs(model.classifier[-1](embedding), embedding, tuple(stages), hidden)
+
+    model.outputs = literal_outputs
     return model
 
 
