@@ -414,10 +414,10 @@ class TrackedRun:
         if self.system_metrics is not None:
             self.system_metrics.finish()
             self.system_metrics = None
-        try:
-            self.flush(wait)
-        finally:
-            self.client.set_terminated(self.run_id, status=status)
+        # An outage past the bound raises here, before the status: the run stays RUNNING on the
+        # server for resume= to complete (set_terminated would only fail the same way).
+        self.flush(wait)
+        self.client.set_terminated(self.run_id, status=status)
 
     def failing_on_error(self) -> "TrackedRun":
         """`with run.failing_on_error():` ends the run FAILED/KILLED if the block raises, else leaves it open."""
