@@ -70,6 +70,9 @@ def test_killed_sweep_run_again_does_each_configuration_once(tmp_path, launcher)
     interrupted = {run.info.run_id for run in before.values() if run.info.status == "RUNNING"
                    and run.data.tags.get("role") == "student"}
     assert finished_before and interrupted
+    # Which interrupted jobs left a checkpoint, read now: run again, a job trains in the same folder.
+    with_checkpoint = [rid for rid in interrupted
+                       if any((Path(before[rid].data.tags["output_dir"]) / "checkpoints").glob("epoch_*.pt"))]
 
     done = run_command(sweep_command(tmp_path, *launcher), timeout=600)
     assert done.returncode == 0, done.output[-5000:]
@@ -92,8 +95,6 @@ def test_killed_sweep_run_again_does_each_configuration_once(tmp_path, launcher)
           f"every run's test/acc at epochs 1-3 exactly once")
     # A job that had left a checkpoint continued its own run.
     resumed = [run for run in finished if run.info.run_id in interrupted]
-    with_checkpoint = [rid for rid in interrupted
-                       if any((Path(before[rid].data.tags["output_dir"]) / "checkpoints").glob("epoch_*.pt"))]
     assert {run.info.run_id for run in resumed} >= set(with_checkpoint) and with_checkpoint
 
     (parent,) = [run for run in runs if run.data.tags.get("role") == "sweep"]
