@@ -34,7 +34,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from kdresearch.errors import KDResearchError
-from kdresearch.tracking import VALID_KEY, Tracker
+from kdresearch.tracking import Tracker, recordable_key
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def open_parent(tracker: Tracker, folder: Path, name: str, tags: Mapping[str, st
             run_id = tracker.resume_run(previous["run_id"]).run_id
             log.info("continuing parent MLflow run %s of %s", run_id, folder)
     if run_id is None:
-        valid = {key: value for key, value in params.items() if VALID_KEY.match(key) and len(key) <= 250}
+        valid = {key: value for key, value in params.items() if recordable_key(key)}
         run_id = tracker.start_run(name, dict(tags), valid).run_id
         folder.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracker.uri,

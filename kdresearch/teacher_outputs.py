@@ -113,6 +113,11 @@ def sample_shapes(teacher: nn.Module, fields: tuple[str, ...]) -> dict[str, tupl
     return shapes
 
 
+def entry_shapes(teacher: nn.Module, fields: tuple[str, ...], rows: int) -> dict[str, tuple[int, ...]]:
+    """The shape of each field's tensor in a cache entry of `rows` training samples."""
+    return {field: (rows, *shape) for field, shape in sample_shapes(teacher, fields).items()}
+
+
 def cache_entry_bytes(teacher: nn.Module, fields: tuple[str, ...], train_size: int, precision: str) -> int:
     """Size of the cached outputs, from the teacher's shape facts (known before computing them)."""
     per_sample = sum(math.prod(shape) for shape in sample_shapes(teacher, fields).values())
@@ -299,7 +304,7 @@ class ViewsTeacher:
         self.teacher, self.fields, self.data = teacher, fields, data
         self.device, self.precision, self.channels_last = device, precision, channels_last
         self.augment_seed, self.path_of_epoch, self.max_gb = augment_seed, path_of_epoch, max_gb
-        self.expected = {field: (data.train_size, *shape) for field, shape in sample_shapes(teacher, fields).items()}
+        self.expected = entry_shapes(teacher, fields, data.train_size)
         self.current: Optional[CachedTeacher | OnlineTeacher] = None
 
     def start_epoch(self, epoch: int) -> None:
@@ -347,7 +352,7 @@ def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, 
                             lambda epoch: folder / f"{key}-views{augment_seed}-epoch{epoch}-{'-'.join(fields)}.pt",
                             cache_cfg.max_gb)
     path = folder / f"{key}-{'-'.join(fields)}.pt"
-    expected = {field: (data.train_size, *shape) for field, shape in sample_shapes(teacher, fields).items()}
+    expected = entry_shapes(teacher, fields, data.train_size)
     batches = data.batches("train", 256, device, channels_last=channels_last)
     outputs = _cached(path, expected, lambda: _compute(teacher, fields, batches, device, precision), cache_cfg.max_gb)
     if outputs is None:

@@ -87,6 +87,11 @@ def check_uri(uri: str) -> None:
         raise KDResearchError(f"tracking.uri={uri}: {writable} is not writable; choose another store path")
 
 
+def recordable_key(key: str) -> bool:
+    """Whether MLflow accepts `key` as a param or metric name."""
+    return len(key) <= MAX_KEY_LENGTH and bool(VALID_KEY.match(key))
+
+
 def check_param_keys(keys: Iterable[str]) -> None:
     """Config keys become MLflow params; refuse the ones MLflow would refuse, before a run exists."""
     for key in keys:
