@@ -45,6 +45,11 @@ class JobResult:
     checkpoint: Path
     objective: float  # what a sweeper optimises: the last val/acc with data.val_size > 0, else test/acc
 
+    @classmethod
+    def of(cls, run_id: str, metrics: dict, checkpoint: Path) -> "JobResult":
+        """From the last epoch's metrics (the objective rule in one place)."""
+        return cls(run_id, metrics["test/acc"], checkpoint, metrics.get("val/acc", metrics["test/acc"]))
+
 
 def run(cfg: DictConfig, output_dir: Optional[Path] = None) -> float:
     """Train one job; `output_dir` defaults to Hydra's job folder. Returns the last epoch's val/acc
@@ -340,10 +345,8 @@ class Job:
         if not self.world.is_main:
             return JobResult("", float("nan"), Path(), float("nan"))
         run = self.tracker.client.get_run(self.finished_run_id)
-        metrics, folder = run.data.metrics, run.data.tags.get("output_dir", "")
-        test_acc = metrics["test/acc"]
-        return JobResult(self.finished_run_id, test_acc, Path(folder) / "checkpoints" / Path(FINAL_CHECKPOINT).name,
-                         metrics.get("val/acc", test_acc))
+        folder = Path(run.data.tags.get("output_dir", ""))
+        return JobResult.of(self.finished_run_id, run.data.metrics, folder / "checkpoints" / Path(FINAL_CHECKPOINT).name)
 
     def setup_teacher(self, teacher: nn.Module) -> None:
         """Fill `teacher` with trained weights and prepare its outputs (cached or online).
@@ -569,7 +572,7 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
                  metrics["best/test_acc"], tracked.run_id)
     else:
         log.info("finished %s: test/acc %.2f%% (run %s)", job.name, test_acc, tracked.run_id)
-    return JobResult(tracked.run_id, test_acc, final, metrics.get("val/acc", test_acc))
+    return JobResult.of(tracked.run_id, metrics, final)
 
 
 def checkpoint_history(checkpoint: dict) -> dict[int, dict]:
