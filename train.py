@@ -1,37 +1,9 @@
-"""Train one kdresearch job (or a sweep with -m). See README.md; `python train.py --help` lists the options."""
+"""Train one kdresearch job (or a sweep with -m). See README.md; `python train.py --help` lists the options.
 
-import logging
-import sys
+The same job runs as `python -m kdresearch.train ...` or `kdresearch-train ...` once the package is installed.
+"""
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
-
-from kdresearch.errors import KDResearchError
-
-log = logging.getLogger("train")
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    from kdresearch import interrupts
-    from kdresearch.trainer import run  # after Hydra parsed the command line: --help stays fast
-
-    # Ctrl-C and SIGTERM (a scheduler stopping the job) stop at the next safe point: the MLflow
-    # run ends KILLED and the last complete checkpoint stays.
-    interrupts.install()
-    try:
-        return run(cfg)
-    except KDResearchError as error:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra reports the failing job of the sweep
-        log.error("error: %s", error)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        log.error("interrupted: the MLflow run is marked KILLED; the last epoch checkpoint is kept")
-        sys.exit(interrupts.exit_status())
-
+from kdresearch.train import main
 
 if __name__ == "__main__":
     main()

@@ -36,10 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from kdresearch.data import ImageData  # noqa: E402
+from kdresearch.config.groups import build
+from kdresearch.data.splits import ImageData  # noqa: E402
 from kdresearch.models import DeepNN, LightNN, ModelOutputs  # noqa: E402
-from kdresearch.reproduce import TUTORIAL_TEACHER_RECIPE  # noqa: E402
-from kdresearch.trainer import build, run_job  # noqa: E402
+from kdresearch.pipelines.reproduce import TUTORIAL_TEACHER_RECIPE  # noqa: E402
+from kdresearch.training.job import run_job  # noqa: E402
 
 DEFAULT_REAL = ROOT.parent / "shared" / "data" / "cifar10-real-10k"
 # The tutorial's five jobs, in order, as kdresearch overrides.

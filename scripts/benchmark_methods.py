@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from kdresearch.errors import KDResearchError
-from kdresearch.method_benchmark import FOOTNOTE, PUBLISHED, benchmark
+from kdresearch.pipelines.method_benchmark import FOOTNOTE, PUBLISHED, benchmark
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:

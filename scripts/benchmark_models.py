@@ -84,9 +84,10 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from kdresearch import devices  # noqa: E402
-from kdresearch.data import make_synthetic  # noqa: E402
-from kdresearch.lineage import cpu_model  # noqa: E402
-from kdresearch.trainer import build, seed_everything, train_one_epoch  # noqa: E402
+from kdresearch.config.groups import build
+from kdresearch.data.synthetic import make_synthetic  # noqa: E402
+from kdresearch.tracking.lineage import cpu_model  # noqa: E402
+from kdresearch.training.loop import seed_everything, train_one_epoch  # noqa: E402
 
 DEFAULT_MODELS = ("resnet20", "resnet8x4", "resnet32x4", "wrn_40_2", "ShuffleV2")
 # Images per measurement when --images is not given: each about 4 s of fp32 training per loop on an

@@ -17,9 +17,9 @@ import logging
 import sys
 from pathlib import Path
 
-from kdresearch.compare import compare, default_name, select_runs
 from kdresearch.errors import KDResearchError
-from kdresearch.tracking import Tracker, default_tracking_uri
+from kdresearch.reports.compare import compare, default_name, select_runs
+from kdresearch.tracking.store import Tracker, default_tracking_uri
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from kdresearch.errors import KDResearchError
-from kdresearch.tracking import default_tracking_uri
+from kdresearch.tracking.store import default_tracking_uri
 
 EPILOG = f"""\
 SOURCE is an MLflow run id (its artifact checkpoints/final.pt is evaluated), a job folder (its
@@ -67,7 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from kdresearch.evaluation import report, run_evaluation  # after parsing: --help stays fast
+    from kdresearch.reports.evaluation import (  # after parsing: --help stays fast
+        report,
+        run_evaluation,
+    )
 
     try:
         outcome = run_evaluation(args.source, args.overrides, out=args.out, log_to_mlflow=not args.no_log)

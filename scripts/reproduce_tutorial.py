@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from kdresearch.errors import KDResearchError
-from kdresearch.reproduce import reproduce
+from kdresearch.pipelines.reproduce import reproduce
 
 
 def _seed_list(text: str) -> list[int]:

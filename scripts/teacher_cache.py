@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdresearch.teacher_outputs import DEFAULT_CACHE_DIR, clear_cache  # noqa: E402
+from kdresearch.teacher.outputs import DEFAULT_CACHE_DIR, clear_cache  # noqa: E402
 
 
 def main() -> None:

@@ -13,11 +13,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
-
-from kdresearch.data import CIFAR100_FOLDER, ImageData, load_cifar10, load_cifar100, make_synthetic
-from kdresearch.errors import KDResearchError
-from kdresearch.streaming import load_image_folder
 from test_data import write_cifar_layout
+
+from kdresearch.data.cifar import CIFAR100_FOLDER, load_cifar10, load_cifar100
+from kdresearch.data.image_folder import load_image_folder
+from kdresearch.data.splits import ImageData
+from kdresearch.data.synthetic import make_synthetic
+from kdresearch.errors import KDResearchError
 
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 FINE_NAMES = tuple(f"fine_{i:02d}" for i in range(100))

@@ -17,16 +17,26 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from browser import UI_TIMEOUT_MS, browser_page, mlflow_ui, require_browser
+from conftest import FAST
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from kdresearch.compare import (ARTIFACT_DIR, HISTORY_KEYS, Comparison, RunRecord, build_rows, compare,
-                                markdown_table, read_run, select_runs, write_csv)
 from kdresearch.errors import KDResearchError
-from kdresearch.tracking import Tracker
-from kdresearch.trainer import run_job
-from browser import UI_TIMEOUT_MS, browser_page, mlflow_ui, require_browser
-from conftest import FAST
+from kdresearch.reports.compare import (
+    HISTORY_KEYS,
+    Comparison,
+    RunRecord,
+    build_rows,
+    compare,
+    markdown_table,
+    read_run,
+    select_runs,
+    write_csv,
+)
+from kdresearch.reports.evaluation import ARTIFACT_DIR
+from kdresearch.tracking.store import Tracker
+from kdresearch.training.job import run_job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = REPO_ROOT / "conf"

@@ -9,11 +9,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kdresearch.data import ImageData
+from kdresearch.config.groups import build
+from kdresearch.config.naming import run_name
+from kdresearch.config.validation import check_config
+from kdresearch.data.splits import ImageData
 from kdresearch.errors import KDResearchError
 from kdresearch.losses.base import TrainingLoss
 from kdresearch.losses.kd import SoftTargetKD
-from kdresearch.trainer import build, check_config, run_name
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_GROUPS = ("model", "teacher", "loss", "optimizer", "scheduler", "device", "data")
@@ -181,7 +183,7 @@ def test_unknown_option_is_refused_by_hydra():
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_memory_applies_on_glibc_and_is_on_by_default():
-    from kdresearch import devices
+    from kdresearch.runtime import devices
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         assert compose("config").device.keep_freed_memory is True

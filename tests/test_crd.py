@@ -13,6 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    CONF_DIR,
+    REPO_ROOT,
+    check_ok,
+    experiment_runs,
+    mlflow_client,
+    run_train,
+)
 from omegaconf import OmegaConf
 from torch.nn import functional as F
 
@@ -21,8 +29,6 @@ from kdresearch.losses.base import Progress
 from kdresearch.losses.crd import ContrastiveRepresentationDistillation
 from kdresearch.losses.kd import soft_target_kd
 from kdresearch.models import DeepNN, LightNN, ModelOutputs
-
-from conftest import CONF_DIR, REPO_ROOT, check_ok, experiment_runs, mlflow_client, run_train
 
 N_DATA, K, FEAT, B, C = 50, 8, 4, 6, 10
 S_DIM, T_DIM = LightNN.embedding_dim, DeepNN.embedding_dim  # 256, 512
@@ -397,7 +403,7 @@ def test_training_job_logs_crd(store):
     assert "train/kd" not in metrics
     assert math.isfinite(metrics["train/crd"]) and metrics["train/crd"] > 0
 
-    from kdresearch.checkpoint import load_checkpoint
+    from kdresearch.training.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(Path(done.run_dir) / "checkpoints" / "final.pt")
     state = checkpoint["loss"]

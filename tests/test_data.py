@@ -11,7 +11,9 @@ import pytest
 import torch
 from torchvision import transforms
 
-from kdresearch.data import CIFAR10_CLASSES, BatchIterator, load_cifar10, make_synthetic
+from kdresearch.data.batches import BatchIterator
+from kdresearch.data.cifar import CIFAR10_CLASSES, load_cifar10
+from kdresearch.data.synthetic import make_synthetic
 from kdresearch.errors import KDResearchError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from kdresearch.checkpoint import load_checkpoint
+from kdresearch.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

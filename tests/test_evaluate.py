@@ -10,14 +10,13 @@ import math
 
 import pytest
 import torch
+from conftest import CONF_DIR, FAST, REPO_ROOT, tracking_uri
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from kdresearch.checkpoint import load_checkpoint, model_state
-from kdresearch.evaluation import confusion_matrix, per_class_accuracy
-from kdresearch.trainer import run_job
-
-from conftest import CONF_DIR, FAST, REPO_ROOT, tracking_uri
+from kdresearch.reports.evaluation import confusion_matrix, per_class_accuracy
+from kdresearch.training.checkpoint import load_checkpoint, model_state
+from kdresearch.training.job import run_job
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 

@@ -30,13 +30,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST
 from omegaconf import OmegaConf
 
-from kdresearch import checkpoint as ckpt
-from kdresearch import devices, resume, teacher_outputs
 from kdresearch.errors import KDResearchError
-
-from conftest import FAST
+from kdresearch.runtime import devices
+from kdresearch.teacher import outputs as teacher_outputs
+from kdresearch.training import checkpoint as ckpt
+from kdresearch.training import resume
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO_ROOT / "train.py"
@@ -414,7 +415,7 @@ def test_interrupt_during_mlflow_write_still_ends_run_killed(tmp_path):
 def test_resume_locate_by_run_id_and_its_errors(tmp_path):
     """resume=<run id> finds the job folder through the run's `output_dir` tag; an unknown id or a
     folder that is not on this machine is one clear line."""
-    from kdresearch.tracking import Tracker
+    from kdresearch.tracking.store import Tracker
 
     store = tmp_path / "store"
     store.mkdir()
@@ -457,7 +458,7 @@ def test_resume_locate_skips_unloadable_checkpoints(tmp_path):
 def test_check_same_job_compares_the_training_identity():
     """Where and how a job runs may change on resume (tracking, progress bars, device switches,
     the data's path); what it trains may not (kdresearch.identity)."""
-    from kdresearch.identity import training_identity
+    from kdresearch.config.identity import training_identity
 
     config = {"seed": 42, "epochs": 4, "quiet": False, "resume": None, "optimizer.lr": 0.001,
               "data.root": "data", "device.channels_last": True, "tracking.uri": "sqlite:///a.db"}
@@ -680,7 +681,7 @@ def test_train_refuses_crafted_teacher_checkpoint(background):
 def test_cifar10_files_cannot_run_code(tmp_path):
     import numpy as np
 
-    from kdresearch.data import CIFAR10_FOLDER, load_cifar10
+    from kdresearch.data.cifar import CIFAR10_FOLDER, load_cifar10
 
     marker = tmp_path / "pwned"
     folder = tmp_path / CIFAR10_FOLDER
@@ -754,7 +755,7 @@ def test_parallel_jobs_on_fresh_sqlite_store_all_land(tmp_path):
 _OPEN_STORE = """
 import sys, time
 from pathlib import Path
-from kdresearch.tracking import Tracker
+from kdresearch.tracking.store import Tracker
 folder = Path(sys.argv[2])
 (folder / f"ready-{sys.argv[3]}").touch()
 while not (folder / "go").exists():
@@ -863,7 +864,7 @@ def test_teacher_cache_size_limit_removes_least_recently_used(tmp_path):
 
 
 def test_teacher_download_leaves_no_copy_in_the_job_folder(tmp_path):
-    from kdresearch import teacher
+    from kdresearch.teacher import sources as teacher
 
     source = real_checkpoint(tmp_path)
 

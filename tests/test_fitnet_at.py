@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+from conftest import FAST, check_ok, experiment_runs, mlflow_client, run_train
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import FAST, check_ok, experiment_runs, mlflow_client, run_train
 from kdresearch.errors import KDResearchError
 from kdresearch.losses.at import AttentionTransfer, attention_map, attention_transfer
 from kdresearch.losses.fitnet import FitNet

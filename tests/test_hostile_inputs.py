@@ -17,13 +17,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import (
+    EXPERIMENT,
+    FAST,
+    check_ok,
+    experiment_runs,
+    mlflow_client,
+    run_train,
+)
 from mlflow.entities import ViewType
 from PIL import Image
-
-from conftest import EXPERIMENT, FAST, check_ok, experiment_runs, mlflow_client, run_train
-from kdresearch.errors import KDResearchError
-from kdresearch.streaming import load_image_folder
 from test_faults import assert_clean_error
+
+from kdresearch.data.image_folder import load_image_folder
+from kdresearch.errors import KDResearchError
 
 CPU = torch.device("cpu")
 

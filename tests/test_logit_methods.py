@@ -8,10 +8,17 @@ import math
 
 import pytest
 import torch
+from conftest import (
+    CONF_DIR,
+    check_ok,
+    experiment_runs,
+    mlflow_client,
+    run_parallel,
+    run_train,
+)
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import CONF_DIR, check_ok, experiment_runs, mlflow_client, run_parallel, run_train
 from kdresearch.errors import KDResearchError
 from kdresearch.losses.base import Progress
 from kdresearch.losses.dist import DIST, dist_relations

@@ -7,14 +7,13 @@ import statistics
 from pathlib import Path
 
 import pytest
+from conftest import CONF_DIR, mlflow_client, tracking_uri
 from hydra import compose, initialize_config_dir
 
-import kdresearch.method_benchmark as method_benchmark
+import kdresearch.pipelines.method_benchmark as method_benchmark
 from kdresearch.errors import KDResearchError
-from kdresearch.tracking import metric_history
-from kdresearch.trainer import run_job
-
-from conftest import CONF_DIR, mlflow_client, tracking_uri
+from kdresearch.tracking.store import metric_history
+from kdresearch.training.job import run_job
 
 PAIR = "cifar100_res56_res20"
 # The pair's models on tiny synthetic data; one epoch for student and teacher.

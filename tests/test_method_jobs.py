@@ -12,8 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from kdresearch.checkpoint import load_checkpoint
-from kdresearch.trainer import run_job
+from kdresearch.training.checkpoint import load_checkpoint
+from kdresearch.training.job import run_job
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PAIR = ["model=resnet8", "teacher=resnet14", "data=synthetic", "data.num_train=256", "data.num_test=64",

@@ -11,11 +11,19 @@ import subprocess
 
 import pytest
 import torch
-from conftest import FAST, REPO_ROOT, check_ok, experiment_runs, mlflow_client, run_train, tracking_uri
+from conftest import (
+    FAST,
+    REPO_ROOT,
+    check_ok,
+    experiment_runs,
+    mlflow_client,
+    run_train,
+    tracking_uri,
+)
 
-from kdresearch import lineage
-from kdresearch.checkpoint import load_checkpoint
-from kdresearch.tracking import Tracker
+from kdresearch.tracking import lineage
+from kdresearch.tracking.store import Tracker
+from kdresearch.training.checkpoint import load_checkpoint
 
 VERSIONS = ("python", "torch", "torchvision", "hydra-core", "mlflow", "kdresearch")
 

@@ -10,7 +10,6 @@ once, as the README tells users to, and then opens the experiment's plain URL.
 from __future__ import annotations
 
 import pytest
-
 from browser import UI_TIMEOUT_MS, browser_page, mlflow_ui, require_browser
 from conftest import check_ok, experiment_runs, run_train, tracking_uri
 

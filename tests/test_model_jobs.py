@@ -12,8 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from kdresearch.checkpoint import load_checkpoint
-from kdresearch.trainer import run_job
+from kdresearch.training.checkpoint import load_checkpoint
+from kdresearch.training.job import run_job
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # The five largest (5-16 s each here) run with -m slow; the default run keeps every family.

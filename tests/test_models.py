@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from kdresearch.models import DeepNN, LightNN, ModelOutputs, first_layer_norm, parameter_count
+from kdresearch.models import (
+    DeepNN,
+    LightNN,
+    ModelOutputs,
+    first_layer_norm,
+    parameter_count,
+)
 
 
 # The tutorial's classes, verbatim (their forward is not needed: only layers and naming).

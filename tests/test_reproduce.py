@@ -12,12 +12,17 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from kdresearch import reproduce as reproduce_module
-from kdresearch.compare import select_runs
 from kdresearch.errors import KDResearchError
-from kdresearch.reproduce import TUTORIAL_JOBS, override_value, plan, reproduce
-from kdresearch.tracking import Tracker
-from kdresearch.trainer import run_job
+from kdresearch.pipelines import reproduce as reproduce_module
+from kdresearch.pipelines.reproduce import (
+    TUTORIAL_JOBS,
+    override_value,
+    plan,
+    reproduce,
+)
+from kdresearch.reports.compare import select_runs
+from kdresearch.tracking.store import Tracker
+from kdresearch.training.job import run_job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "reproduce_tutorial.py"

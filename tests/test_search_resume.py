@@ -27,7 +27,11 @@ from conftest import FAST, REPO_ROOT, mlflow_client, run_command, tracking_uri
 from hydra.utils import instantiate
 from test_sweeps import check_parent, check_sweep_ok, hydra_node
 
-from kdresearch.search import next_job_number, same_other_overrides, search_values
+from kdresearch.sweeps.search import (
+    next_job_number,
+    same_other_overrides,
+    search_values,
+)
 
 EXPERIMENT = "kdresearch"
 SEARCH_KEYS = ("T", "loss.ce_weight", "loss.distill_weight")
@@ -215,7 +219,11 @@ def fake_run(params: dict, overrides: str) -> SimpleNamespace:
 
 
 def test_trial_values_and_overrides_read_back():
-    from optuna.distributions import CategoricalDistribution, LogUniformDistribution, UniformDistribution
+    from optuna.distributions import (
+        CategoricalDistribution,
+        LogUniformDistribution,
+        UniformDistribution,
+    )
 
     space = {"T": LogUniformDistribution(1, 8), "loss.ce_weight": UniformDistribution(0.25, 1.0),
              "model": CategoricalDistribution(["light", "resnet8"])}

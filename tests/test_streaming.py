@@ -6,12 +6,21 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    REPO_ROOT,
+    check_ok,
+    experiment_runs,
+    mlflow_client,
+    run_command,
+    tracking_uri,
+)
 from PIL import Image
 
-from conftest import REPO_ROOT, check_ok, experiment_runs, mlflow_client, run_command, tracking_uri
-from kdresearch.data import BatchIterator, ImageData, make_synthetic
+from kdresearch.data.batches import BatchIterator
+from kdresearch.data.image_folder import load_image_folder
+from kdresearch.data.splits import ImageData
+from kdresearch.data.synthetic import make_synthetic
 from kdresearch.errors import KDResearchError
-from kdresearch.streaming import load_image_folder
 
 CPU = torch.device("cpu")
 

@@ -14,10 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, REPO_ROOT, experiment_runs, mlflow_client, run_command, tracking_uri
+from conftest import (
+    FAST,
+    REPO_ROOT,
+    experiment_runs,
+    mlflow_client,
+    run_command,
+    tracking_uri,
+)
 
-from kdresearch.compare import select_runs
-from kdresearch.tracking import Tracker
+from kdresearch.reports.compare import select_runs
+from kdresearch.tracking.store import Tracker
 
 SEEDS = (1, 2, 3)
 # Long enough per job (3 epochs of ~1 s) that a kill lands inside the sweep, with checkpoints per epoch.

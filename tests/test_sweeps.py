@@ -16,8 +16,8 @@ import sys
 from itertools import product
 from pathlib import Path
 
-from conftest import FAST, run_command
 import yaml
+from conftest import FAST, run_command
 from hydra import compose, initialize_config_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from filelock import FileLock
 from omegaconf import OmegaConf
 
-from kdresearch import teacher_outputs as cache
-from kdresearch.checkpoint import load_checkpoint
-from kdresearch.data import make_synthetic
+from kdresearch.data.synthetic import make_synthetic
 from kdresearch.models import DeepNN
-from kdresearch.teacher_outputs import CachedTeacher, OnlineTeacher, teacher_outputs
-from conftest import REPO_ROOT
+from kdresearch.teacher import outputs as cache
+from kdresearch.teacher.outputs import CachedTeacher, OnlineTeacher, teacher_outputs
+from kdresearch.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
@@ -92,8 +92,8 @@ JOB = textwrap.dedent("""
     from pathlib import Path
     import torch
     from omegaconf import OmegaConf
-    from kdresearch import teacher_outputs as cache
-    from kdresearch.data import make_synthetic
+    from kdresearch.teacher import outputs as cache
+    from kdresearch.data.synthetic import make_synthetic
     from kdresearch.models import DeepNN
 
     torch.set_num_threads(1)

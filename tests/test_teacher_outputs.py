@@ -5,16 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from kdresearch.data import make_synthetic
+from kdresearch.data.synthetic import make_synthetic
 from kdresearch.models import DeepNN
-from kdresearch.teacher_outputs import CachedTeacher, cache_key, teacher_outputs
-from kdresearch.tracking import metric_history
-from kdresearch.trainer import run_job
-from conftest import FAST
+from kdresearch.teacher.outputs import CachedTeacher, cache_key, teacher_outputs
+from kdresearch.tracking.store import metric_history
+from kdresearch.training.job import run_job
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SMALL = ["data=synthetic", *FAST, "data.limit_train=384", "epochs=2"]

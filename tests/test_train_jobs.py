@@ -9,12 +9,18 @@ import re
 import pytest
 import torch
 import yaml
+from conftest import (
+    FAST,
+    check_ok,
+    experiment_runs,
+    mlflow_client,
+    run_parallel,
+    run_train,
+)
 
-from kdresearch.checkpoint import save_checkpoint
 from kdresearch.models import DeepNN, LightNN
-from kdresearch.tracking import metric_history
-
-from conftest import FAST, check_ok, experiment_runs, mlflow_client, run_parallel, run_train
+from kdresearch.tracking.store import metric_history
+from kdresearch.training.checkpoint import save_checkpoint
 
 EPOCH_METRICS = ("train/loss", "test/acc", "test/loss", "lr", "epoch_seconds")
 CE_EPOCHS = 2  # the student-CE job runs 2 epochs, so step=epoch is visible

@@ -7,11 +7,11 @@ from collections import Counter
 
 import pytest
 import torch
-
-from kdresearch.data import make_synthetic, stratified_holdout
-from kdresearch.errors import KDResearchError
-
 from conftest import FAST, check_ok, experiment_runs, mlflow_client, run_train
+
+from kdresearch.data.splits import stratified_holdout
+from kdresearch.data.synthetic import make_synthetic
+from kdresearch.errors import KDResearchError
 
 
 def test_holdout_is_stratified_disjoint_and_seeded():

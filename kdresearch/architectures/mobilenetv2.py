@@ -23,7 +23,6 @@ average-pooled output of the final 1x1 conv-BN-ReLU (1280 channels).
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,0 +1,195 @@
+"""What the trainer needs of a dataset (the protocol), the labelled splits every dataset derives,
+in-memory image data, the input checks of data keys, and the stratified validation hold-out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+from kdresearch.data.batches import BatchIterator
+from kdresearch.errors import KDResearchError
+
+
+class Dataset(Protocol):
+    """What the trainer needs of a dataset: `ImageData` (in memory, below) or
+    `kdresearch.streaming.ImageFolderData` (image files read per batch by DataLoader workers)."""
+
+    name: str
+    augment: bool
+    classes: tuple[str, ...]
+    num_classes: int  # labels lie in [0, num_classes); equals len(classes)
+    train_size: int  # training samples (sample indices lie in [0, train_size))
+
+    def fingerprint(self) -> str:
+        """Content hash of the samples, labels and normalisation (not of `augment`: whether a job
+        augments is part of its training identity, kdresearch.identity, so teacher and student of
+        one data set share a fingerprint however each trains)."""
+
+    def batches(self, split: str, batch_size: int, device: torch.device,
+                generator: Optional[torch.Generator] = None, channels_last: bool = False,
+                augment: bool = False, shard: tuple[int, int] = (0, 1), augment_seed: int = 0):
+        """A re-iterable of (normalised images, labels, sample index) with len() = batches per pass;
+        with `augment`, each epoch's views (`set_epoch`) follow from `augment_seed`."""
+
+
+class LabelledSplits:
+    """Sizes every dataset derives from its class names and label tensors."""
+
+    classes: tuple[str, ...]
+    train_labels: torch.Tensor
+    val_labels: Optional[torch.Tensor]
+    test_labels: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes the labels index (the loaders check labels against it)."""
+        return len(self.classes)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def has_validation(self) -> bool:
+        return self.val_labels is not None
+
+    def split_sizes(self) -> dict[str, int]:
+        """Images per split, named as MLflow's dataset contexts: train, validation (when held out), test."""
+        sizes = {"train": self.train_size}
+        if self.has_validation:
+            sizes["validation"] = len(self.val_labels)
+        sizes["test"] = len(self.test_labels)
+        return sizes
+
+
+@dataclass
+class ImageData(LabelledSplits):
+    """A labelled image-classification dataset in memory, plus how to normalise it."""
+
+    name: str
+    train_images: torch.Tensor  # uint8, (N, 3, 32, 32)
+    train_labels: torch.Tensor  # int64, (N,)
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool = False  # random crop + flip of training batches (BatchIterator)
+    val_images: Optional[torch.Tensor] = None  # data.val_size images held out of the training set
+    val_labels: Optional[torch.Tensor] = None
+    _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
+
+    def fingerprint(self) -> str:
+        """Content hash of images, labels and normalisation: identifies the data a model saw.
+        Hashing 180 MB takes about a second, so it is computed once per dataset."""
+        if self._fingerprint is None:
+            self._fingerprint = self._hash()
+        return self._fingerprint
+
+    def batches(self, split: str, batch_size: int, device: torch.device,
+                generator: Optional[torch.Generator] = None, channels_last: bool = False,
+                augment: bool = False, shard: tuple[int, int] = (0, 1), augment_seed: int = 0) -> "BatchIterator":
+        """Batches of the `train`, `val` or `test` split (see BatchIterator)."""
+        images, labels = {"train": (self.train_images, self.train_labels), "val": (self.val_images, self.val_labels),
+                          "test": (self.test_images, self.test_labels)}[split]
+        return BatchIterator(images, labels, self, batch_size, device, generator, channels_last, augment, shard,
+                             augment_seed)
+
+    def _hash(self) -> str:
+        digest = hashlib.sha256()
+        for tensor in (self.train_images, self.train_labels, self.val_images, self.val_labels,
+                       self.test_images, self.test_labels):
+            if tensor is not None:
+                digest.update(tensor.contiguous().numpy().tobytes())
+        digest.update(repr((self.mean, self.std)).encode())
+        return digest.hexdigest()[:16]
+
+
+def check_limit(limit: Optional[int], what: str) -> Optional[int]:
+    """`data.limit_train` / `data.limit_test`: None (all) or a positive integer."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise KDResearchError(f"data.{what} must be a positive integer or null, got {limit!r}")
+    return limit
+
+
+def check_num_classes(num_classes: int) -> int:
+    """`data.num_classes`: an integer >= 2."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise KDResearchError(f"data.num_classes must be an integer >= 2, got {num_classes!r}")
+    return num_classes
+
+
+def check_class_count(found: int, num_classes: int, where: str) -> None:
+    """Refuse data whose number of classes is not `data.num_classes`; `where` says what was
+    counted (e.g. "PATH has 3 class folders"), the message ends with the fix."""
+    if found != num_classes:
+        fix = f"set data.num_classes={found}" if found >= 2 else "a dataset needs at least 2 classes"
+        raise KDResearchError(f"{where} but data.num_classes={num_classes}; {fix}")
+
+
+def check_normalisation(mean: Sequence[float], std: Sequence[float]) -> None:
+    """`data.mean` / `data.std`: one value per RGB channel, std > 0."""
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise KDResearchError(f"data.mean and data.std need 3 values each, std > 0 (got {mean}, {std})")
+
+
+def _limited(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int], what: str):
+    if check_limit(limit, what) is None:
+        return images, labels
+    return images[:limit].contiguous(), labels[:limit].contiguous()
+
+
+def in_memory_data(name, train, test, classes, limit_train, limit_test, mean, std, augment,
+                val_size=0, val_seed=0) -> ImageData:
+    check_normalisation(mean, std)
+    train_images, train_labels = _limited(*train, limit_train, "limit_train")
+    test_images, test_labels = _limited(*test, limit_test, "limit_test")
+    val_images = val_labels = None
+    if check_val_size(val_size, len(train_labels)):
+        kept, held_out = stratified_holdout(train_labels, val_size, val_seed)
+        val_images, val_labels = train_images[held_out], train_labels[held_out]
+        train_images, train_labels = train_images[kept], train_labels[kept]
+    return ImageData(name, train_images, train_labels, test_images, test_labels, tuple(classes),
+                     tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(augment),
+                     val_images, val_labels)
+
+
+# --- validation hold-out ----------------------------------------------------------------------
+
+def check_val_size(val_size, train_size: int) -> int:
+    """`data.val_size`: 0 (no validation split) or fewer images than the training set holds."""
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < train_size:
+        raise KDResearchError(f"data.val_size must be an integer in [0, {train_size}) (the training images), "
+                              f"got {val_size!r}")
+    return val_size
+
+
+def stratified_holdout(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept positions, held-out positions), both sorted: `val_size` training samples held out for
+    validation, each class in proportion to its share of the labels (largest remainders decide the
+    rounding, ties to the lower class), drawn with a generator seeded by `data.val_seed`, so every
+    training seed and every job on this data validates on the same images."""
+    generator = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * val_size / len(labels)
+    quota = exact.floor().long()
+    remainders = exact - quota
+    extra = val_size - int(quota.sum())
+    order = sorted(range(len(classes)), key=lambda i: (-float(remainders[i]), i))
+    for i in order[:extra]:
+        quota[i] += 1
+    held_out = []
+    for cls, take in zip(classes.tolist(), quota.tolist()):
+        members = torch.nonzero(labels == cls).flatten()
+        held_out.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    held = torch.cat(held_out).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held] = False
+    return torch.nonzero(mask).flatten(), held
+
+
+# --- CIFAR-10 and CIFAR-100 ----------------------------------------------------------------

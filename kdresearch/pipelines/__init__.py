@@ -1,0 +1,1 @@
+"""Multi-job pipelines: reproducing the tutorial, the method benchmark."""

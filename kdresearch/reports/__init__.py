@@ -1,0 +1,1 @@
+"""Reading results: comparison tables and figures, evaluation of a trained model."""

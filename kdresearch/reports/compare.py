@@ -1,0 +1,540 @@
+"""Compare finished runs: select them in MLflow, build one table row per configuration, write the
+table (Markdown, CSV) and a figure (PNG), and log all three as artifacts of a summary run.
+
+- Selection: an experiment, narrowed by the `sweep` tag, tag filters or an MLflow filter string;
+  or an explicit list of run ids. Summary runs (tag `role=summary`) are never compared.
+- Rows: runs with the same configuration (every param except the seed and settings that do not
+  change what is trained, plus the data fingerprint) form one row; their seeds give mean ± std
+  (sample std). When a configuration was run twice with the same seed, the newest run counts.
+  `per_run=True` gives one row per run instead.
+- Baseline: the student trained with cross-entropy (role=student, loss=ce) on the same data for
+  the same number of epochs; "Δ vs CE" is the row's mean final test/acc minus the baseline's mean
+  over the same seeds (all of its seeds when it lacks one of the row's).
+- Fairness: the tutorial starts every student from the same weights and checks it with the norm of
+  the first conv's weight. A student whose step-0 `first_layer_norm` differs from the baseline
+  run's of the same seed (or from the baseline's at all, when it has no run of that seed) is
+  flagged as an unfair comparison.
+
+Params, tags and each metric's latest value come with the MLflow runs (`select_runs`); per-epoch
+histories (`metric_history`) are read only for the runs the table shows. Nothing here trains.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+from kdresearch.config.identity import training_identity
+from kdresearch.errors import KDResearchError
+from kdresearch.tracking.run import TrackedRun
+from kdresearch.tracking.store import Tracker, metric_history
+
+log = logging.getLogger(__name__)
+
+SUMMARY_ROLE = "summary"
+# Runs that train nothing: comparison summaries, the parent runs of sweeps and reproductions
+# (kdresearch.parent_runs) and evaluations of a finished model (kdresearch.evaluation).
+UNTRAINED_ROLES = (SUMMARY_ROLE, "sweep", "reproduction", "evaluation")
+ARTIFACT_DIR = "comparison"  # where the summary run keeps comparison.md / .csv / .png
+# Metrics read per epoch (max test/acc, curves, norm at step 0, summed times); others: latest value.
+HISTORY_KEYS = ("test/acc", "train/loss", "first_layer_norm", "epoch_seconds")
+NOT_HYPERPARAMETERS = ("name", "_target_")  # loss.* params that name the loss rather than tune it
+MAX_RUNS = 50_000  # MLflow's cap on one search
+
+INIT_NORM_TOLERANCE = 1e-6
+
+
+# --- reading runs -------------------------------------------------------------------------------
+
+@dataclass
+class RunRecord:
+    """One finished MLflow run, as the comparison needs it."""
+
+    run_id: str
+    name: str
+    start_time: int
+    role: str
+    model: str
+    loss: str
+    seed: Optional[int]
+    hyperparameters: dict[str, str]  # the loss's params (`loss.T` -> "T": "2"), as MLflow holds them
+    parameter_count: Optional[int]
+    identity: tuple  # equal for runs of one configuration (any seed)
+    context: tuple  # (data fingerprint, epochs): runs comparable with one baseline
+    history: dict[str, list[tuple[int, float]]]  # {key: [(step, value), ...]} of HISTORY_KEYS, once read
+    params: dict[str, str] = field(repr=False, default_factory=dict)
+    metrics: dict[str, float] = field(repr=False, default_factory=dict)  # each metric's latest value
+
+    def _values(self, key: str) -> list[tuple[int, float]]:
+        return self.history.get(key) or []
+
+    def _last(self, key: str) -> Optional[float]:
+        """The value at the last step: from the history when it was read, else MLflow's latest value."""
+        values = self._values(key)
+        return values[-1][1] if values else self.metrics.get(key)
+
+    @property
+    def init_norm(self) -> Optional[float]:
+        return next((value for step, value in self._values("first_layer_norm") if step == 0), None)
+
+    @property
+    def final_norm(self) -> Optional[float]:
+        return self._last("first_layer_norm")
+
+    @property
+    def final_acc(self) -> Optional[float]:
+        return self._last("test/acc")
+
+    @property
+    def best_acc(self) -> Optional[float]:
+        """The maximum test/acc over epochs: an epoch selected on the test set (optimistic)."""
+        values = self._values("test/acc")
+        return max(value for _, value in values) if values else None
+
+    @property
+    def best_val_test_acc(self) -> Optional[float]:
+        """test/acc of the epoch chosen on validation (data.val_size > 0), as of the last epoch."""
+        return self._last("best/test_acc")
+
+    @property
+    def train_seconds(self) -> Optional[float]:
+        values = self._values("epoch_seconds")
+        return sum(value for _, value in values) if values else None
+
+
+def _number(text: Optional[str], kind=float):
+    if text in (None, "", "None", "null"):
+        return None
+    try:
+        return kind(float(text)) if kind is int else kind(text)
+    except ValueError:
+        return None
+
+
+def _identity(params: Mapping[str, str], tags: Mapping[str, str]) -> tuple:
+    """The run's training identity (kdresearch.identity) without the seed: equal for the seeds of one setup."""
+    identity = training_identity(params, tags.get("data_fingerprint", ""), with_teacher="teacher_run_id" in tags)
+    identity.pop("seed", None)
+    return tuple(sorted(identity.items()))
+
+
+def read_run(client, run, history: bool = True) -> RunRecord:
+    """A `RunRecord` from an MLflow `Run`: its params, tags and latest metric values and, with
+    `history`, the per-epoch values of HISTORY_KEYS (one MLflow call per key)."""
+    params, tags = dict(run.data.params), dict(run.data.tags)
+    return RunRecord(
+        run_id=run.info.run_id,
+        name=run.info.run_name or tags.get("mlflow.runName", run.info.run_id[:8]),
+        start_time=run.info.start_time or 0,
+        role=tags.get("role", ""),
+        model=tags.get("model", params.get("model.name", "")),
+        loss=tags.get("loss", params.get("loss.name", "")),
+        seed=_number(params.get("seed"), int),
+        hyperparameters={key[len("loss."):]: value for key, value in params.items()
+                         if key.startswith("loss.") and key[len("loss."):] not in NOT_HYPERPARAMETERS},
+        parameter_count=_number(params.get("parameter_count"), int),
+        identity=_identity(params, tags),
+        context=(tags.get("data_fingerprint", ""), params.get("epochs", "")),
+        history=metric_history(client, run.info.run_id, HISTORY_KEYS) if history else {},
+        params=params,
+        metrics=dict(run.data.metrics),
+    )
+
+
+def select_runs(tracker: Tracker, run_ids: Sequence[str] = (), sweep: Optional[str] = None,
+                tags: Mapping[str, str] | None = None, filter_string: Optional[str] = None,
+                include_unfinished: bool = False) -> list:
+    """MLflow runs to compare, oldest first: the given `run_ids`, or the tracker's experiment's
+    finished runs narrowed by `sweep` (tag), `tags` ({key: value}) and an MLflow `filter_string`."""
+    from mlflow.exceptions import MlflowException
+
+    if run_ids:
+        if sweep or tags or filter_string:
+            raise KDResearchError("select runs either by run ids or by sweep/tags/filter, not both")
+        runs = []
+        for run_id in dict.fromkeys(run_ids):
+            try:
+                runs.append(tracker.client.get_run(run_id))
+            except MlflowException:
+                raise KDResearchError(f"run {run_id} is not in the MLflow store {tracker.uri}") from None
+        described = f"{len(runs)} given run ids"
+    else:
+        clauses = [] if include_unfinished else ["attributes.status = 'FINISHED'"]
+        if sweep:
+            clauses.append(f"tags.sweep = {_quote(sweep)}")
+        for key, value in (tags or {}).items():
+            clauses.append(f"tags.`{key}` = {_quote(value)}")
+        if filter_string:
+            clauses.append(filter_string)
+        query = " and ".join(clauses)
+        try:
+            runs = tracker.find_runs(query, max_results=MAX_RUNS)
+        except MlflowException as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise KDResearchError(f"bad run filter {query!r}: {first_line}") from None
+        described = f"runs matching {query!r}" if query else "runs"
+    runs = [run for run in runs if run.data.tags.get("role") not in UNTRAINED_ROLES]
+    if not runs:
+        experiment = tracker.client.get_experiment(tracker.experiment_id).name
+        raise KDResearchError(f"no {described} to compare in experiment {experiment!r} of {tracker.uri}")
+    return sorted(runs, key=lambda run: run.info.start_time or 0)
+
+
+def _quote(value: str) -> str:
+    if "'" in value and '"' in value:
+        raise KDResearchError(f"cannot filter on a value with both quote characters: {value!r}")
+    return f'"{value}"' if "'" in value else f"'{value}'"
+
+
+# --- rows -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample std of a value over a row's runs (std is None for one run)."""
+
+    mean: Optional[float]
+    std: Optional[float]
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[Optional[float]]) -> "Stat":
+        present = [v for v in values if v is not None]
+        if not present:
+            return cls(None, None, 0)
+        std = statistics.stdev(present) if len(present) > 1 else None
+        return cls(statistics.fmean(present), std, len(present))
+
+    def format(self, digits: int, sign: bool = False) -> str:
+        if self.mean is None:
+            return "—"
+        text = f"{self.mean:+.{digits}f}" if sign else f"{self.mean:.{digits}f}"
+        return text if self.std is None else f"{text} ± {self.std:.{digits}f}"
+
+
+@dataclass
+class Row:
+    """One line of the table: one configuration (several seeds) or, with per_run, one run."""
+
+    label: str
+    runs: list[RunRecord]
+    baseline_label: Optional[str] = None
+    delta: Optional[float] = None  # mean final test/acc minus the baseline's (same seeds)
+    is_baseline: bool = False
+    unfair: list[str] = field(default_factory=list)  # one reason per unfairly initialised run
+
+    @property
+    def first(self) -> RunRecord:
+        return self.runs[0]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [run.seed for run in self.runs if run.seed is not None]
+
+    def stat(self, attribute: str) -> Stat:
+        return Stat.of(getattr(run, attribute) for run in self.runs)
+
+    @property
+    def note(self) -> str:
+        if self.unfair:
+            return "UNFAIR: " + "; ".join(self.unfair)
+        if self.is_baseline:
+            return "baseline"
+        if self.baseline_label is None and self.first.role == "student":
+            return "no student-CE baseline on this data"
+        return ""
+
+
+def _table_runs(records: Sequence[RunRecord], per_run: bool = False) -> list[RunRecord]:
+    """The runs the table shows, oldest first: all with `per_run`, else the newest of each
+    (configuration, seed)."""
+    records = sorted(records, key=lambda record: record.start_time)
+    if per_run:
+        return records
+    newest = {(record.identity, record.seed): record for record in records}
+    return [record for record in records if newest[(record.identity, record.seed)] is record]
+
+
+def _labels(groups: list[list[RunRecord]], per_run: bool) -> list[str]:
+    """Run names, disambiguated by the params that differ when several configurations share one."""
+    labels = []
+    for group in groups:
+        run = group[0]
+        label = run.name + (f" (seed {run.seed})" if per_run and run.seed is not None else "")
+        labels.append(label)
+    by_label: dict[str, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_label.setdefault(label, []).append(index)
+    for label, indices in by_label.items():
+        if len(indices) < 2:
+            continue
+        identities = [dict(groups[i][0].identity) for i in indices]
+        keys = sorted({key for identity in identities for key in identity
+                       if len({ident.get(key) for ident in identities}) > 1})
+        for i, identity in zip(indices, identities):
+            shown = [f"{key}={identity.get(key)}" for key in keys[:3]]
+            labels[i] = f"{label} [{', '.join(shown)}]" if shown else f"{label} [{groups[i][0].run_id[:8]}]"
+    return labels
+
+
+def _is_ce_student(record: RunRecord) -> bool:
+    return record.role == "student" and record.loss == "ce"
+
+
+def build_rows(records: list[RunRecord], per_run: bool = False, baseline: Optional[str] = None) -> list[Row]:
+    """Table rows from run records (oldest first), with baseline differences and fairness flags.
+
+    `baseline` picks the baseline configuration by label, run name or run id; by default it is,
+    per (data, epochs) context, the first configuration of a student trained with cross-entropy.
+    """
+    records = _table_runs(records, per_run)
+    configurations: dict[tuple, list[RunRecord]] = {}
+    for record in records:
+        configurations.setdefault(record.identity, []).append(record)
+
+    groups = [[record] for record in records] if per_run else list(configurations.values())
+    rows = [Row(label, group) for label, group in zip(_labels(groups, per_run), groups)]
+    config_labels = dict(zip(configurations, _labels(list(configurations.values()), False)))
+
+    chosen = _chosen_baseline(configurations, config_labels, baseline) if baseline else None
+    baselines: dict[tuple, tuple] = {}  # context -> identity of its baseline configuration
+    for identity, group in configurations.items():
+        context = group[0].context
+        if chosen is not None:
+            baselines[context] = chosen
+        elif _is_ce_student(group[0]):
+            baselines.setdefault(context, identity)
+
+    for row in rows:
+        identity = row.first.identity
+        base_identity = chosen if chosen is not None else baselines.get(row.first.context)
+        if base_identity is None:
+            continue
+        base_runs = configurations[base_identity]
+        row.baseline_label = config_labels[base_identity]
+        row.is_baseline = identity == base_identity
+        by_seed = {run.seed: run for run in base_runs}
+        paired = [by_seed[seed] for seed in row.seeds] if all(s in by_seed for s in row.seeds) and row.seeds else base_runs
+        accs, base_accs = row.stat("final_acc"), Stat.of(run.final_acc for run in paired)
+        if accs.mean is not None and base_accs.mean is not None:
+            row.delta = accs.mean - base_accs.mean
+        if row.first.role != "student" or row.is_baseline:
+            continue
+        for run in row.runs:
+            reference = by_seed.get(run.seed, base_runs[0])
+            if run.init_norm is None or reference.init_norm is None:
+                continue
+            if abs(run.init_norm - reference.init_norm) > INIT_NORM_TOLERANCE * max(1.0, abs(reference.init_norm)):
+                row.unfair.append(
+                    f"first_layer_norm at init {run.init_norm:.4f} (seed {run.seed}) != baseline's "
+                    f"{reference.init_norm:.4f} (seed {reference.seed})"
+                )
+    return rows
+
+
+def _chosen_baseline(configurations: dict[tuple, list[RunRecord]], labels: dict[tuple, str], wanted: str) -> tuple:
+    for identity, group in configurations.items():
+        if wanted == labels[identity] or any(wanted in (run.run_id, run.name) for run in group):
+            return identity
+    raise KDResearchError(f"baseline {wanted!r} is none of the compared runs ({', '.join(labels.values())})")
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+
+STAT_COLUMNS = (("init norm", "init_norm", 4), ("final norm", "final_norm", 4),
+                ("last-epoch test/acc %", "final_acc", 2), ("test/acc % at best-val epoch", "best_val_test_acc", 2),
+                ("max test/acc % (epoch chosen on test)", "best_acc", 2))
+
+
+def varying_hyperparameters(rows: Sequence["Row"]) -> list[str]:
+    """The loss hyperparameters whose values differ between rows (absent counts as a value)."""
+    keys = sorted({key for row in rows for key in row.first.hyperparameters})
+    return [key for key in keys if len({row.first.hyperparameters.get(key) for row in rows}) > 1]
+
+
+def columns(rows: Sequence["Row"]) -> list[str]:
+    return ["run", "model", "loss", *(f"loss.{key}" for key in varying_hyperparameters(rows)), "params", "seeds",
+            *(title for title, _, _ in STAT_COLUMNS), "Δ vs student CE", "train time s", "note"]
+
+
+def table_cells(row: Row, hyperparameters: Sequence[str]) -> list[str]:
+    run = row.first
+    return [
+        row.label, run.model, run.loss, *(run.hyperparameters.get(key, "—") for key in hyperparameters),
+        "—" if run.parameter_count is None else f"{run.parameter_count:,}",
+        " ".join(str(seed) for seed in row.seeds) or "—",
+        *(row.stat(attribute).format(digits) for _, attribute, digits in STAT_COLUMNS),
+        "—" if row.delta is None else f"{row.delta:+.2f}",
+        row.stat("train_seconds").format(1), row.note,
+    ]
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    titles, hyperparameters = columns(rows), varying_hyperparameters(rows)
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for row in rows:
+        cells = [cell.replace("|", "\\|") for cell in table_cells(row, hyperparameters)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _footnote(rows: Sequence[Row]) -> str:
+    multi = any(len(row.runs) > 1 for row in rows)
+    baselines = sorted({row.baseline_label for row in rows if row.baseline_label})
+    parts = [
+        "test/acc in percent at the last epoch, at the epoch chosen on validation (data.val_size > 0; "
+        "— without a validation split), and its maximum over epochs (an epoch chosen on the test set: optimistic)",
+        "loss.* columns: the loss hyperparameters that differ between rows",
+        "init/final norm: first_layer_norm at step 0 and at the last epoch",
+        "train time: sum of epoch_seconds",
+        f"baseline: {', '.join(baselines) if baselines else 'none (no student trained with CE)'}",
+    ]
+    if multi:
+        parts.insert(0, "mean ± sample std over seeds")
+    return "; ".join(parts) + "."
+
+
+def write_markdown(rows: Sequence[Row], path: Path, title: str) -> Path:
+    path.write_text(f"# {title}\n\n{markdown_table(rows)}\n{_footnote(rows)}\n")
+    return path
+
+
+CSV_STATS = ("init_norm", "final_norm", "final_acc", "best_val_test_acc", "best_acc", "train_seconds")
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> Path:
+    """Machine-readable: full-precision numbers, means and stds in their own columns (None: empty)."""
+    import pandas as pd
+
+    hyperparameters = sorted({key for row in rows for key in row.first.hyperparameters})
+    lines = [{
+        "run": row.label, "run_ids": " ".join(run.run_id for run in row.runs), "model": row.first.model,
+        "loss": row.first.loss, "role": row.first.role,
+        **{f"loss.{key}": row.first.hyperparameters.get(key) for key in hyperparameters},
+        "parameter_count": row.first.parameter_count, "seeds": " ".join(map(str, row.seeds)), "n": len(row.runs),
+        **{f"{name}_{part}": getattr(row.stat(name), part) for name in CSV_STATS for part in ("mean", "std")},
+        "delta_vs_baseline": row.delta, "baseline": row.baseline_label, "unfair_init": bool(row.unfair),
+        "note": row.note,
+    } for row in rows]
+    # dtype=object writes each value as Python does: a count stays 267738, not 267738.0 beside a missing
+    # one; lines end in CRLF, as RFC 4180 and the csv module have them.
+    pd.DataFrame(lines, dtype=object).to_csv(path, index=False, lineterminator="\r\n")
+    return path
+
+
+def _curve(row: Row, key: str) -> tuple[list[int], list[float], Optional[list[float]]]:
+    """Epochs, mean and (with several runs) std of a per-epoch metric over the row's runs: the epochs
+    every run has (step 0, before training, left out)."""
+    import pandas as pd
+
+    frame = pd.DataFrame([dict(run.history.get(key) or []) for run in row.runs]).dropna(axis=1)  # run x step
+    frame = frame[sorted(step for step in frame.columns if step > 0)]
+    return list(frame.columns), list(frame.mean()), list(frame.std()) if len(frame) > 1 else None
+
+
+def write_figure(rows: Sequence[Row], path: Path, title: str) -> Path:
+    """Test accuracy and train loss per epoch, one line per row (band: ± std over seeds)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2)
+    epochs: set[int] = set()
+    for ax, key, ylabel in ((axes[0], "test/acc", "test accuracy (%)"),
+                            (axes[1], "train/loss", "train loss (each run's own objective)")):
+        for row in rows:
+            steps, means, stds = _curve(row, key)
+            if not steps:
+                continue
+            epochs.update(steps)
+            (line,) = ax.plot(steps, means, marker="o", markersize=3, label=row.label)
+            if stds is not None:
+                ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if 0 < len(epochs) <= 20:
+            ax.set_xticks(sorted(epochs))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].legend(fontsize="small")
+    figure.suptitle(title)
+    figure.savefig(path)
+    return path
+
+
+# --- the whole comparison ---------------------------------------------------------------------------
+
+@dataclass
+class Comparison:
+    name: str
+    rows: list[Row]
+    markdown: Path
+    csv: Path
+    figure: Path
+    summary_run_id: Optional[str] = None
+
+    @property
+    def table(self) -> str:
+        return markdown_table(self.rows)
+
+    @property
+    def footnote(self) -> str:
+        return _footnote(self.rows)
+
+    def row(self, label: str) -> Row:
+        return next(row for row in self.rows if row.label == label)
+
+
+def default_name(prefix: str = "comparison") -> str:
+    return f"{prefix}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+def compare(tracker: Tracker, runs: Sequence, out_dir: Path, name: Optional[str] = None, per_run: bool = False,
+            baseline: Optional[str] = None, log_summary: bool = True,
+            selection: Optional[Mapping[str, object]] = None) -> Comparison:
+    """Build the table of `runs` (MLflow runs, e.g. from `select_runs`), write comparison.md/.csv/.png
+    into `out_dir` and, with `log_summary`, log them as artifacts of a summary run named `name`."""
+    name = name or default_name()
+    records = [read_run(tracker.client, run, history=False) for run in runs]
+    shown = _table_runs(records, per_run)
+    for record in shown:  # histories only for the runs in the table, not for superseded reruns
+        record.history = metric_history(tracker.client, record.run_id, HISTORY_KEYS)
+    rows = build_rows(shown, per_run=per_run, baseline=baseline)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = Comparison(
+        name, rows,
+        write_markdown(rows, out_dir / "comparison.md", name),
+        write_csv(rows, out_dir / "comparison.csv"),
+        write_figure(rows, out_dir / "comparison.png", name),
+    )
+    if log_summary:
+        result.summary_run_id = log_summary_run(tracker, result, name, records, selection or {})
+    return result
+
+
+def log_summary_run(tracker: Tracker, result: Comparison, name: str, records: Sequence[RunRecord],
+                    selection: Mapping[str, object]) -> str:
+    """A run (tag role=summary) holding the comparison files; its description is the table."""
+    run_ids = [record.run_id for record in records]
+    tags = {
+        "role": SUMMARY_ROLE,
+        "compared_runs": " ".join(run_ids)[:5000],
+        "mlflow.note.content": f"{markdown_table(result.rows)}\n{_footnote(result.rows)}",
+    }
+    params = {f"selection.{key}": value for key, value in selection.items() if value not in (None, "", [], ())}
+    params["compared_run_count"] = len(run_ids)
+    tracked: TrackedRun
+    with tracker.start_run(name, tags, params) as tracked:
+        for path in (result.markdown, result.csv, result.figure):
+            tracked.log_file(path, ARTIFACT_DIR)
+    log.info("summary run %s (%s) holds %s/comparison.md, .csv, .png", tracked.run_id, name, ARTIFACT_DIR)
+    return tracked.run_id
+

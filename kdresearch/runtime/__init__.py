@@ -1,0 +1,1 @@
+"""The process a job runs in: device, data-parallel world, signals, file locks."""

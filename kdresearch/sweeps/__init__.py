@@ -1,0 +1,1 @@
+"""Groups of runs: a sweep's parent run, and the resumable Optuna search."""

@@ -1,0 +1,187 @@
+"""A sweep (or a tutorial reproduction) as one MLflow parent run, its jobs as child runs.
+
+MLflow's UI shows a run whose children carry the tag `mlflow.parentRunId` as one expandable row.
+The parent is opened before the first job and closed after the last:
+
+- for a Hydra multirun, by Hydra's callback mechanism (`SweepParentRun`, registered under
+  `hydra.callbacks` in conf/config.yaml): Hydra calls it in the launching process around the
+  sweeper, whatever the launcher (basic, joblib's parallel, submitit), so no launcher is special-cased;
+- for `scripts/reproduce_tutorial.py`, by `kdresearch.reproduce`.
+
+Jobs find their parent without any launcher's help: the parent's id is written to
+`<sweep folder>/mlflow_parent_run.json` (read by jobs of a Hydra sweep, on any machine that sees
+the folder) and exported as KDRESEARCH_PARENT_RUN_ID (inherited by child processes, e.g. the jobs
+of a reproduction and the teacher a job trains for itself). Running a sweep again in the same
+folder (`hydra.sweep.dir=<old folder>`) reopens the same parent.
+
+The parent records the sweep's overrides (param `overrides` and one `sweep.<key>` param per
+override, the search space `search.<key>` for an Optuna search), the comparison table (its
+description and artifacts comparison/comparison.md, .csv, .png), an Optuna search's best value
+and parameters (metric `best_value`, tags `best.<key>`), and its status: FINISHED only when the
+latest run of every configuration in it FINISHED, else FAILED (KILLED when a job was stopped).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from kdresearch.errors import KDResearchError
+from kdresearch.tracking.store import Tracker, recordable_key
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "KDRESEARCH_PARENT_RUN_ID"
+PARENT_FILE = "mlflow_parent_run.json"
+OPTUNA_RESULTS = "optimization_results.yaml"  # what hydra-optuna-sweeper writes at the end of a search
+
+
+def parent_run_id(sweep_dir: Optional[str] = None) -> Optional[str]:
+    """The parent run a job belongs to: the one recorded in its sweep folder, else the inherited one."""
+    if sweep_dir:
+        path = Path(sweep_dir) / PARENT_FILE
+        if path.is_file():
+            return json.loads(path.read_text())["run_id"]
+    return os.environ.get(PARENT_ENV) or None
+
+
+def open_parent(tracker: Tracker, folder: Path, name: str, tags: Mapping[str, str],
+                params: Mapping[str, object]) -> str:
+    """The parent run of the jobs launched from `folder`: the one `folder` already records (a sweep
+    run again) set RUNNING, else a new run. Its id is exported to the jobs; returns it."""
+    record = folder / PARENT_FILE
+    run_id = None
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        found = tracker.find_runs(f"attributes.run_id = '{previous['run_id']}'")
+        if found:
+            run_id = tracker.resume_run(previous["run_id"]).run_id
+            log.info("continuing parent MLflow run %s of %s", run_id, folder)
+    if run_id is None:
+        valid = {key: value for key, value in params.items() if recordable_key(key)}
+        run_id = tracker.start_run(name, dict(tags), valid).run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracker.uri,
+                                      "experiment": tracker.experiment_name}) + "\n")
+        log.info("parent MLflow run %s (%s) holds the jobs of %s", run_id, name, folder)
+    os.environ[PARENT_ENV] = run_id
+    return run_id
+
+
+def children(tracker: Tracker, run_id: str) -> list:
+    """Child runs of `run_id`, newest first."""
+    return tracker.find_runs(f"tags.mlflow.parentRunId = '{run_id}'", max_results=10000)
+
+
+def latest_per_configuration(runs: Sequence) -> list:
+    """One run per configuration (tag config_hash): the newest, so a job rerun after a failure
+    stands for its configuration. `runs` newest first; the result keeps that order."""
+    seen, latest = set(), []
+    for run in runs:
+        key = run.data.tags.get("config_hash", run.info.run_id)
+        if key not in seen:
+            seen.add(key)
+            latest.append(run)
+    return latest
+
+
+def close_parent(tracker: Tracker, run_id: str, folder: Path, title: str,
+                 extra_tags: Optional[Mapping[str, object]] = None,
+                 extra_metrics: Optional[Mapping[str, float]] = None, comparison=None) -> str:
+    """Log the comparison of the parent's children (or the given `comparison`, a
+    kdresearch.compare.Comparison) and end the parent with the status the children earn."""
+    from kdresearch.reports.compare import compare
+    from kdresearch.reports.evaluation import ARTIFACT_DIR
+    from kdresearch.tracking.run import TrackedRun
+
+    parent = TrackedRun(tracker, run_id)
+    latest = latest_per_configuration(children(tracker, run_id))
+    statuses = [run.info.status for run in latest]
+    status = "FINISHED" if latest and all(s == "FINISHED" for s in statuses) else (
+        "KILLED" if "KILLED" in statuses and "FAILED" not in statuses else "FAILED")
+    finished = [run for run in latest if run.info.status == "FINISHED"]
+    with parent.failing_on_error():
+        if extra_tags:  # tags, not params: a search run again in its folder may find another best
+            parent.set_tags(extra_tags)
+        if extra_metrics:
+            parent.log_metrics(extra_metrics, step=0)
+        if comparison is None and finished:
+            comparison = compare(tracker, finished, folder / "comparison", name=title, log_summary=False)
+        if comparison is not None:
+            result = comparison
+            for path in (result.markdown, result.csv, result.figure):
+                parent.log_file(path, ARTIFACT_DIR)
+            parent.set_tags({"mlflow.note.content": f"{result.table}\n{result.footnote}",
+                             "child_runs": str(len(latest))})
+    parent.end(status)
+    os.environ.pop(PARENT_ENV, None)
+    log.info("parent MLflow run %s %s: %d of %d configurations finished", run_id, status, len(finished), len(latest))
+    return status
+
+
+def end_if_open(tracker: Tracker, run_id: str) -> None:
+    """At exit of a launcher stopped by a failed job or a signal: the parent must not stay RUNNING."""
+    try:
+        run = tracker.client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            return
+        statuses = [child.info.status for child in latest_per_configuration(children(tracker, run_id))]
+        tracker.client.set_terminated(run_id, status="KILLED" if "KILLED" in statuses and "FAILED" not in statuses
+                                      else "FAILED")
+    except Exception as error:  # at exit: report, never raise
+        log.warning("could not end parent MLflow run %s: %s", run_id, error)
+
+
+def override_params(overrides: Sequence[str]) -> dict[str, str]:
+    """`T=1,2,4` -> {'sweep.T': '1,2,4'}; the whole list as `overrides`."""
+    params = {"overrides": " ".join(overrides)}
+    for item in overrides:
+        key, sep, value = item.lstrip("+~").partition("=")
+        if sep:
+            params[f"sweep.{key}"] = value
+    return params
+
+
+class SweepParentRun(Callback):
+    """Hydra callback: one MLflow parent run per multirun (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.tracker: Optional[Tracker] = None
+        self.run_id: Optional[str] = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(str(config.hydra.sweep.dir))
+        overrides = list(config.hydra.overrides.task)
+        try:
+            self.tracker = Tracker(config.tracking.uri, config.tracking.experiment)
+        except KDResearchError as error:
+            raise SystemExit(f"error: {error}") from None
+        params = override_params(overrides)
+        search = OmegaConf.select(config, "hydra.sweeper.params")
+        if search:
+            params.update({f"search.{key}": str(value) for key, value in search.items()})
+        tags = {"role": "sweep", "sweep_dir": str(folder), "overrides": " ".join(overrides),
+                "sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).rsplit(".", 1)[-1],
+                "launcher": str(OmegaConf.select(config, "hydra.launcher._target_", default="")).rsplit(".", 1)[-1]}
+        name = "sweep-" + "_".join(folder.parts[-2:])
+        self.run_id = open_parent(self.tracker, folder, name, tags, params)
+        atexit.register(end_if_open, self.tracker, self.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.run_id is None:
+            return
+        folder = Path(str(config.hydra.sweep.dir))
+        tags, metrics = {}, {}
+        results = folder / OPTUNA_RESULTS
+        if results.is_file():
+            best = OmegaConf.load(results)
+            metrics["best_value"] = float(best.best_value)
+            tags = {f"best.{key}": str(value) for key, value in best.best_params.items()}
+        close_parent(self.tracker, self.run_id, folder, f"sweep-{'_'.join(folder.parts[-2:])}", tags, metrics)

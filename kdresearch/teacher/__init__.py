@@ -1,0 +1,1 @@
+"""A distillation run's teacher: where its weights come from, and its outputs (online, cached, per view)."""

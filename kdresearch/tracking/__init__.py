@@ -1,0 +1,1 @@
+"""Everything the project says to MLflow: the store, a run (with its outage queue), lineage."""
