@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from kdresearch.errors import KDResearchError
 from kdresearch.reports.compare import (
+    ARTIFACT_DIR,
     HISTORY_KEYS,
     Comparison,
     RunRecord,
@@ -34,7 +35,6 @@ from kdresearch.reports.compare import (
     select_runs,
     write_csv,
 )
-from kdresearch.reports.evaluation import ARTIFACT_DIR
 from kdresearch.tracking.store import Tracker
 from kdresearch.training.job import run_job
 

@@ -97,8 +97,7 @@ def close_parent(tracker: Tracker, run_id: str, folder: Path, title: str,
                  extra_metrics: Optional[Mapping[str, float]] = None, comparison=None) -> str:
     """Log the comparison of the parent's children (or the given `comparison`, a
     kdresearch.compare.Comparison) and end the parent with the status the children earn."""
-    from kdresearch.reports.compare import compare
-    from kdresearch.reports.evaluation import ARTIFACT_DIR
+    from kdresearch.reports.compare import ARTIFACT_DIR, compare
     from kdresearch.tracking.run import TrackedRun
 
     parent = TrackedRun(tracker, run_id)
