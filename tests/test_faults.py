@@ -863,24 +863,6 @@ def test_teacher_cache_size_limit_removes_least_recently_used(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["newest.pt"]
 
 
-def test_teacher_download_leaves_no_copy_in_the_job_folder(tmp_path):
-    from kdresearch.teacher import sources as teacher
-
-    source = real_checkpoint(tmp_path)
-
-    class Store:
-        uri = "sqlite:///fake.db"
-
-        def download_artifact(self, run_id, artifact_path, destination):
-            destination.mkdir(parents=True, exist_ok=True)
-            return Path(shutil.copy(source, destination / "final.pt"))
-
-    work_dir = tmp_path / "job"
-    work_dir.mkdir()
-    assert "model" in teacher._run_checkpoint(Store(), "run1", work_dir)
-    assert list(work_dir.iterdir()) == []
-
-
 def test_teacher_cache_size_limit_removes_stale_temp_files(tmp_path):
     folder = tmp_path / "cache"
     folder.mkdir()

@@ -5,8 +5,8 @@ is the command line; everything it does lives here.
 Where each piece comes from:
 - the weights: an MLflow run's final checkpoint (artifact `checkpoints/final.pt`), a job folder
   (its `checkpoints/final.pt`, else its newest epoch checkpoint) or a checkpoint file: one of ours,
-  a benchmark suite's or a bare state_dict (`checkpoint.model_state`), always read with
-  `weights_only=True`;
+  a benchmark suite's or a bare state_dict, read by the loader the teacher uses
+  (`kdresearch.training.weights`, always `weights_only=True`);
 - the model: the `model` node of the training config stored in the checkpoint; `model=NAME`
   (conf/model/) replaces it, and is required for a checkpoint that stores no config;
 - the data: the checkpoint's own training data settings (same dataset, root, `limit_test`, ...);
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -38,16 +39,23 @@ from typing import Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.nn import functional as F
 
 from kdresearch.config.flat import flatten
 from kdresearch.errors import KDResearchError
-from kdresearch.layout import CONF_DIR, FINAL_CHECKPOINT
+from kdresearch.layout import CONF_DIR
 from kdresearch.models import model_name
-from kdresearch.runtime import devices, interrupts
+from kdresearch.runtime import devices
 from kdresearch.tracking.run import TrackedRun
 from kdresearch.tracking.store import Tracker
-from kdresearch.training.checkpoint import load_checkpoint, model_state
+from kdresearch.training.loop import predict
+from kdresearch.training.weights import (
+    CheckpointSource,
+    check_classes,
+    from_path,
+    from_run,
+    load_weights,
+    trained_classes,
+)
 
 ROLE = "evaluation"  # tag `role` of the runs made for checkpoints from outside the store
 ARTIFACT_DIR = "evaluation"  # artifacts go under evaluation/<data name>/
@@ -103,27 +111,15 @@ class Evaluation:
         return per_class_accuracy(self.matrix)
 
 
-@torch.no_grad()
 def evaluate_model(model: nn.Module, batches, num_classes: int, device: torch.device, precision: str = "fp32",
                    classes: Optional[Sequence[str]] = None) -> Evaluation:
     """Run `model` (in eval mode) over `batches` of (images, labels, index) and count its answers.
-    The same forward pass, autocast and loss sum as the trainer's `evaluate`, so on a run's own test
-    split the accuracy equals its `test/acc`."""
-    model.eval()
-    matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    loss_sum = 0.0
-    for images, labels, _ in batches:
-        interrupts.check()
-        with devices.autocast(device, precision):
-            logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        matrix += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
-    matrix = matrix.cpu()
-    count = int(matrix.sum())
-    if count == 0:
-        raise KDResearchError("the test split holds no images")
-    names = tuple(classes) if classes is not None else tuple(str(i) for i in range(num_classes))
-    return Evaluation(matrix, loss_sum / count, names)
+    The trainer's own evaluation loop (`training.loop.predict`), so on a run's own test split the
+    accuracy and loss equal its `test/acc` and `test/loss`."""
+    predictions = predict(model, batches, device, precision)
+    matrix = confusion_matrix(predictions.predicted, predictions.labels, num_classes).cpu()
+    class_names = tuple(classes) if classes is not None else tuple(str(i) for i in range(num_classes))
+    return Evaluation(matrix, predictions.loss, class_names)
 
 
 # --- text, CSV and figure ---------------------------------------------------------------------------
@@ -262,21 +258,6 @@ def evaluation_metrics(evaluation: Evaluation, data_name: str) -> dict[str, floa
 
 # --- where the weights come from ------------------------------------------------------------------
 
-@dataclass
-class Source:
-    """A checkpoint to evaluate and where it came from."""
-
-    checkpoint: dict
-    description: str  # "MLflow run <id>" or "checkpoint <path>", for messages
-    label: str  # what the tags record: the file's absolute path, or runs:/<id>/checkpoints/final.pt
-    run_id: Optional[str] = None  # the run in this store that produced the weights; None: log to a new run
-
-    @property
-    def epoch(self) -> int:
-        epoch = self.checkpoint.get("epoch")
-        return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -298,58 +279,28 @@ def _active_run(tracker: Tracker, run_id: str):
     return run if run.info.lifecycle_stage == "active" else None
 
 
-def _folder_checkpoint(folder: Path) -> Path:
-    """A job folder's final checkpoint, else its newest epoch checkpoint."""
-    final = folder / "checkpoints" / Path(FINAL_CHECKPOINT).name
-    if final.is_file():
-        return final
-    epochs = sorted((folder / "checkpoints").glob("epoch_*.pt"))
-    if not epochs:
-        raise KDResearchError(f"{folder} holds no checkpoints/final.pt or checkpoints/epoch_*.pt")
-    return epochs[-1]
-
-
 def _looks_like_path(spec: str) -> bool:
     return "/" in spec or "\\" in spec or Path(spec).suffix in (".pt", ".pth", ".ckpt", ".tar", ".bin")
 
 
-def load_source(spec: str, tracker: Optional[Tracker]) -> Source:
-    """The weights `spec` names: a checkpoint file, a job folder or an MLflow run id. `tracker` is
-    needed for a run id, and tells whether a file's `run_id` is a run of this store (None: never)."""
+def load_source(spec: str, tracker: Optional[Tracker]) -> CheckpointSource:
+    """The weights `spec` names: a checkpoint file, a job folder or an MLflow run id (`tracker` is
+    needed for a run id)."""
     path = Path(spec).expanduser()
-    if path.is_dir():
-        path = _folder_checkpoint(path)
-    if path.is_file():
-        checkpoint = load_checkpoint(path)
-        recorded = checkpoint.get("run_id")
-        in_store = (isinstance(recorded, str) and tracker is not None
-                    and _active_run(tracker, recorded) is not None)
-        return Source(checkpoint, f"checkpoint {path}", str(path.resolve()), recorded if in_store else None)
+    if path.exists():
+        return from_path(path)
     if _looks_like_path(spec) or tracker is None:
         raise KDResearchError(f"checkpoint {path} does not exist")
-    run = _active_run(tracker, spec)
-    if run is None:
+    if _active_run(tracker, spec) is None:
         raise KDResearchError(f"{spec} is neither a checkpoint file nor the id of an MLflow run in {tracker.uri}")
-    return Source(_run_checkpoint(tracker, run), f"MLflow run {spec}", f"runs:/{spec}/{FINAL_CHECKPOINT}", spec)
+    return from_run(tracker, spec)
 
 
-def _run_checkpoint(tracker: Tracker, run) -> dict:
-    """Download a run's final checkpoint into a temporary folder and load it (the copy is deleted)."""
-    from mlflow.exceptions import MlflowException
-
-    run_id = run.info.run_id
-    with tempfile.TemporaryDirectory(prefix="kdresearch-evaluate-") as folder:
-        try:
-            path = tracker.download_artifact(run_id, FINAL_CHECKPOINT, Path(folder))
-        except (MlflowException, OSError) as error:
-            job_folder = run.data.tags.get("output_dir")
-            hint = (f"; evaluate one of its epoch checkpoints instead, e.g. {job_folder}/checkpoints"
-                    if job_folder else "")
-            raise KDResearchError(
-                f"MLflow run {run_id} has no final checkpoint {FINAL_CHECKPOINT} ({run.info.status}: "
-                f"{_first_line(error)}){hint}"
-            ) from None
-        return load_checkpoint(path)
+def producing_run(source: CheckpointSource, tracker: Tracker) -> Optional[str]:
+    """The run of this store that made the weights (the results go there), None when it is not in it."""
+    if source.run_id is None or _active_run(tracker, source.run_id) is None:
+        return None
+    return source.run_id
 
 
 # --- the config -------------------------------------------------------------------------------------
@@ -457,47 +408,12 @@ def evaluation_config(checkpoint: dict, overrides: Sequence[str], parsed: Sequen
     return config
 
 
-def _trained_classes(checkpoint: dict, model: Optional[nn.Module] = None) -> Optional[int]:
-    """How many classes the checkpoint's model was trained for: its `num_classes`, else the rows
-    of the model's last linear layer in the state."""
-    found = checkpoint.get("num_classes")
-    if isinstance(found, int) and not isinstance(found, bool):
-        return found
-    if model is None:
-        return None
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    weight = model_state(checkpoint).get(f"{linears[-1]}.weight") if linears else None
-    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim == 2 else None
-
-
-def check_classes(found: Optional[int], num_classes: int, source: str) -> None:
-    if found is not None and found != num_classes:
-        raise KDResearchError(
-            f"{source} was trained for {found} classes but the data has {num_classes} "
-            f"(data.num_classes={num_classes}); evaluate it on data with {found} classes")
-
-
-def load_weights(model: nn.Module, checkpoint: dict, source: str, model_choice: str) -> None:
-    """Load the checkpoint's weights into `model`, refusing another architecture with one line."""
-    expected = model_name(model)
-    found = checkpoint.get("model_class")
-    if isinstance(found, str) and found != expected:
-        raise KDResearchError(f"{source} holds a {found}, but model={model_choice} builds a {expected}")
-    try:
-        model.load_state_dict(model_state(checkpoint))
-    except (RuntimeError, KeyError, TypeError) as error:
-        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (
-            lines[0] if lines else type(error).__name__)
-        raise KDResearchError(f"{source} does not fit a {expected} (model={model_choice}): {detail[:300]}") from None
-
-
 # --- the whole evaluation ---------------------------------------------------------------------------
 
 @dataclass
 class Outcome:
     evaluation: Evaluation
-    source: Source
+    source: CheckpointSource
     config: DictConfig  # resolved: model, data, device, tracking, ...
     device: torch.device
     files: list[Path] = field(default_factory=list)  # kept only with an output folder
@@ -533,18 +449,20 @@ def run_evaluation(spec: str, overrides: Sequence[str] = (), out: Optional[Path]
     source = load_source(spec, tracker)
     config = evaluation_config(source.checkpoint, overrides, parsed, source.description)
     num_classes = config.data.num_classes
-    check_classes(_trained_classes(source.checkpoint), num_classes, source.description)
+    check_classes(trained_classes(source.checkpoint), num_classes, source.description)  # before the data loads
 
     device = devices.resolve_device(config.device.type)
     data = build(config.data, "data")
     model: nn.Module = build(config.model, "model")
-    check_classes(_trained_classes(source.checkpoint, model), data.num_classes, source.description)
     check_classes(getattr(model, "num_classes", None), data.num_classes, source.description)
-    load_weights(model, source.checkpoint, source.description, config.model.get("name", model_name(model)))
+    load_weights(model, source.checkpoint, source.description, f"model={config.model.get('name', model_name(model))}")
     memory_format = torch.channels_last if config.device.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     batches = data.batches("test", BATCH_SIZE, device, channels_last=config.device.channels_last)
     evaluation = evaluate_model(model, batches, data.num_classes, device, config.device.precision, data.classes)
+    if not math.isfinite(evaluation.loss):  # NaN logits argmax to class 0: the accuracy would be made up
+        raise KDResearchError(f"{source.description}: the model's outputs on the test split are not finite "
+                              f"(mean loss {evaluation.loss}); nothing is reported")
     outcome = Outcome(evaluation, source, config, device)
 
     if out is not None:
@@ -574,18 +492,18 @@ def log_evaluation(tracker: Tracker, outcome: Outcome, files: Sequence[Path]) ->
             tracked.log_file(path, f"{ARTIFACT_DIR}/{outcome.data_name}")
 
     outcome.tracking_uri = tracker.uri
-    if source.run_id is not None:
-        tracked = TrackedRun(tracker, source.run_id)  # not a context manager: its status stays as it was
+    producer = producing_run(source, tracker)
+    if producer is not None:
+        tracked = TrackedRun(tracker, producer)  # not a context manager: its status stays as it was
         log_to(tracked)
-        outcome.run_id, outcome.new_run = source.run_id, False
-        outcome.run_name = tracker.client.get_run(source.run_id).info.run_name
+        outcome.run_id, outcome.new_run = producer, False
+        outcome.run_name = tracker.client.get_run(producer).info.run_name
         return
     name = f"evaluate-{outcome.model_label}"
     run_tags = {"role": ROLE, "evaluated_checkpoint": source.label, "model": outcome.model_label,
                 "data": config.data.name, "device": str(outcome.device)}
-    recorded = source.checkpoint.get("run_id")
-    if isinstance(recorded, str):  # a checkpoint of ours whose run lives in another store
-        run_tags["checkpoint_run_id"] = recorded
+    if source.run_id is not None:  # a checkpoint of ours whose run lives in another store
+        run_tags["checkpoint_run_id"] = source.run_id
     params = flatten({"model": OmegaConf.to_container(config.model, resolve=True), "data": data_settings})
     with tracker.start_run(name, run_tags, params) as tracked:
         log_to(tracked)

@@ -13,7 +13,6 @@ train it once.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,10 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdresearch.config.identity import config_identity, identity_hash
-from kdresearch.errors import KDResearchError
-from kdresearch.layout import CONF_DIR, FINAL_CHECKPOINT
-from kdresearch.models import model_name
-from kdresearch.training.checkpoint import load_checkpoint, model_state
+from kdresearch.layout import CONF_DIR
+from kdresearch.training.weights import CheckpointSource, from_path, from_run, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +50,8 @@ def teacher_job_config(cfg: DictConfig) -> DictConfig:
     return job
 
 
-def load_weights(model: nn.Module, checkpoint: dict, source: str) -> None:
-    """Load a checkpoint into `model`, refusing one made for another architecture with one line."""
-    expected = model_name(model)
-    found = checkpoint.get("model_class")
-    if found is not None and found != expected:
-        raise KDResearchError(f"{source} holds a {found}, but the teacher model is a {expected} (teacher.model)")
-    state = model_state(checkpoint)
-    classifier = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
-    found_classes = getattr(state.get(f"{classifier}.weight"), "shape", (None,))[0]
-    if found_classes is not None and found_classes != model.num_classes:
-        raise KDResearchError(
-            f"{source} was trained for {found_classes} classes but the data has {model.num_classes} "
-            f"(data.num_classes); use a teacher trained on this dataset"
-        )
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise KDResearchError(f"{source} does not fit a {expected}: {first_line}") from None
+def load_teacher_weights(teacher: nn.Module, source: CheckpointSource) -> None:
+    load_weights(teacher, source.checkpoint, source.description, "teacher.model", role="the teacher model")
 
 
 def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, tracker,
@@ -84,16 +64,14 @@ def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, t
     continuation never switches to a newer teacher.
     """
     if cfg.teacher.checkpoint:
-        path = Path(cfg.teacher.checkpoint).expanduser()
-        checkpoint = load_checkpoint(path)
-        load_weights(teacher, checkpoint, f"teacher checkpoint {path}")
-        run_id = checkpoint.get("run_id")
-        log.info("teacher: loaded from checkpoint %s%s", path, f" (run {run_id})" if run_id else "")
-        return run_id
+        source = from_path(Path(cfg.teacher.checkpoint), "teacher checkpoint")
+        load_teacher_weights(teacher, source)
+        log.info("teacher: loaded from %s%s", source.description, f" (run {source.run_id})" if source.run_id else "")
+        return source.run_id
 
     if cfg.teacher.run_id or pinned_run_id:
         run_id = str(cfg.teacher.run_id or pinned_run_id)
-        load_weights(teacher, _run_checkpoint(tracker, run_id, work_dir), f"teacher run {run_id}")
+        load_teacher_weights(teacher, from_run(tracker, run_id, "teacher run"))
         log.info("teacher: loaded from MLflow run %s", run_id)
         return run_id
 
@@ -110,21 +88,5 @@ def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, t
         else:
             log.info("teacher: no finished run with this training config (%s); training one first", wanted)
             run_id = train(job, work_dir / "teacher")
-    load_weights(teacher, _run_checkpoint(tracker, run_id, work_dir), f"teacher run {run_id}")
+    load_teacher_weights(teacher, from_run(tracker, run_id, "teacher run"))
     return run_id
-
-
-def _run_checkpoint(tracker, run_id: str, work_dir: Path) -> dict:
-    """Download a run's final checkpoint into a temporary folder and load it (the copy is deleted)."""
-    from mlflow.exceptions import MlflowException
-
-    work_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="teacher-", dir=work_dir) as folder:
-        try:
-            path = tracker.download_artifact(run_id, FINAL_CHECKPOINT, Path(folder))
-        except (MlflowException, OSError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise KDResearchError(
-                f"teacher run {run_id} has no usable final checkpoint in {tracker.uri} ({first_line})"
-            ) from None
-        return load_checkpoint(path)

@@ -5,15 +5,20 @@ Layout (format 1): {"format", "model_class", "run_id", "teacher_run_id", "epoch"
 "config", "identity" (kdresearch.identity), "num_classes", "metrics" (this epoch's), "history" ({epoch:
 metrics} of every epoch so far, so a resumed job can log what never reached MLflow)}. Everything
 is tensors, numbers, strings, lists and dicts, so
-`torch.load(weights_only=True)` reads it and a crafted pickle cannot run code.
+`torch.load(weights_only=True)` reads it and a crafted pickle cannot run code. The one class
+allowed besides is `argparse.Namespace`: RepDistiller's `*_last.pth` files keep their command
+line under `opt`, and a Namespace only sets attributes.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
+import pickletools
 import random
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -23,7 +28,9 @@ import torch
 
 from kdresearch.errors import KDResearchError
 
-FORMAT = 1
+FORMAT = 1  # the "format" field of the checkpoints a job writes
+# Classes a checkpoint may hold besides tensors and plain data (see the module docstring).
+SAFE_CLASSES = (argparse.Namespace,)
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -60,8 +67,39 @@ def _unsafe_reason(error: Exception) -> str | None:
     return None
 
 
+# Opcodes by which a pickle imports a Python object (what unpickling can run code with).
+IMPORTING_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST"}
+
+
+def _plain_pickle_imports(path: Path) -> Optional[bool]:
+    """For a file that is one whole plain pickle (pickle.dump, not torch.save): whether it imports
+    Python objects. None for anything else. Only reads the opcodes: nothing is unpickled."""
+    try:
+        with open(path, "rb") as stream:
+            opcodes = {opcode.name for opcode, _, _ in pickletools.genops(stream)}
+            whole = stream.read(1) == b""  # torch's legacy format is several pickles and raw bytes
+    except (ValueError, EOFError, OSError):  # not a pickle, or a cut one
+        return None
+    return bool(opcodes & IMPORTING_OPCODES) if whole else None
+
+
+def _unreadable(path: Path, cause: str) -> KDResearchError:
+    """The error for a file torch could not read: a plain pickle is named as such, else damage."""
+    imports = None if zipfile.is_zipfile(path) else _plain_pickle_imports(path)
+    if imports is None:
+        return KDResearchError(f"checkpoint {path} is truncated or corrupt ({cause})")
+    if imports:
+        return KDResearchError(
+            f"refusing to load {path}: it is a plain Python pickle, not a torch checkpoint (torch.save), "
+            f"and it imports Python objects, which could run code"
+        )
+    return KDResearchError(f"checkpoint {path} is a plain Python pickle, not a torch checkpoint; "
+                           f"write it with torch.save")
+
+
 def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint written by `save_checkpoint` (or a bare state_dict); never executes code."""
+    """Read a checkpoint written by `save_checkpoint` (or a bare state_dict, or a benchmark
+    suite's file); never executes code."""
     path = Path(path)
     if not path.is_file():
         raise KDResearchError(f"checkpoint {path} does not exist")
@@ -71,19 +109,22 @@ def load_checkpoint(path: Path) -> dict:
                 damaged = archive.testzip()
             if damaged is not None:
                 raise KDResearchError(f"checkpoint {path} is truncated or corrupt (bad checksum in {damaged})")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_CLASSES)), warnings.catch_warnings():
+            # torch's note on a pickle protocol other than its own: noise before our one-line error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except KDResearchError:
         raise
     except pickle.UnpicklingError as error:
         reason = _unsafe_reason(error)
         if reason is None:
-            raise KDResearchError(f"checkpoint {path} is truncated or corrupt (unreadable pickle)") from None
+            raise _unreadable(path, "unreadable pickle") from None
         raise KDResearchError(
             f"refusing to load {path}: it holds objects other than tensors and plain data, which "
             f"could run code ({reason})"
         ) from None
     except Exception as error:  # BadZipFile, EOFError, RuntimeError, KeyError from garbage, ...
-        raise KDResearchError(f"checkpoint {path} is truncated or corrupt ({type(error).__name__})") from None
+        raise _unreadable(path, type(error).__name__) from None
     if not isinstance(state, dict):
         raise KDResearchError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of tensors")
     return state

@@ -36,6 +36,7 @@ from kdresearch.tracking.run import DatasetRecord, NullRun
 from kdresearch.tracking.store import Tracker, check_param_keys
 from kdresearch.training import resume
 from kdresearch.training.checkpoint import (
+    FORMAT,
     capture_rng,
     keep_last,
     restore_rng,
@@ -364,7 +365,7 @@ class Job:
 
     def checkpoint_state(self, run_id: str, epoch: int, metrics: dict) -> dict:
         return {
-            "format": 1, "model_class": model_name(self.student), "run_id": run_id,
+            "format": FORMAT, "model_class": model_name(self.student), "run_id": run_id,
             "teacher_run_id": self.teacher_run_id, "epoch": epoch,
             "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "loss": self.loss_fn.state_dict(),

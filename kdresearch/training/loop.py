@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,19 +29,45 @@ def forward(model: nn.Module, images: torch.Tensor, with_features: bool) -> Mode
     return out if with_features else ModelOutputs(out)
 
 
+@dataclass
+class Predictions:
+    """One pass of a model over a split: each image's predicted class and label, and the loss."""
+
+    predicted: torch.Tensor  # int64 (N,), on the model's device
+    labels: torch.Tensor  # int64 (N,), on the model's device
+    loss: float  # mean cross-entropy; NaN or inf when some logits are not finite
+
+    @property
+    def accuracy(self) -> float:
+        """In percent."""
+        return 100.0 * (self.predicted == self.labels).sum().item() / self.labels.numel()
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, device: torch.device, precision: str) -> tuple[float, float]:
-    """(accuracy in percent, mean cross-entropy) on `batches`."""
+def predict(model: nn.Module, batches, device: torch.device, precision: str) -> Predictions:
+    """Run `model` (in eval mode) over `batches` of (images, labels, index): the one evaluation
+    loop, behind both the trainer's test/val metrics and scripts/evaluate.py. Nothing is read back
+    from the device until the pass is over (a read per batch would make the host wait each time)."""
     model.eval()
-    correct, loss_sum, count = 0, 0.0, 0
+    predicted, labels_seen, loss_sums = [], [], []
     for images, labels, _ in batches:
         interrupts.check()
         with devices.autocast(device, precision):
             logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == labels).sum().item()
-        count += labels.numel()
-    return 100.0 * correct / count, loss_sum / count
+        loss_sums.append(F.cross_entropy(logits.float(), labels, reduction="sum"))
+        predicted.append(logits.argmax(dim=1))
+        labels_seen.append(labels)
+    if not predicted:
+        raise KDResearchError("the split to evaluate on holds no images")
+    labels = torch.cat(labels_seen)
+    loss = torch.stack(loss_sums).cpu().double().sum().item() / labels.numel()
+    return Predictions(torch.cat(predicted), labels, loss)
+
+
+def evaluate(model: nn.Module, batches, device: torch.device, precision: str) -> tuple[float, float]:
+    """(accuracy in percent, mean cross-entropy) on `batches`."""
+    predictions = predict(model, batches, device, precision)
+    return predictions.accuracy, predictions.loss
 
 
 PROGRESS_EVERY = 25  # steps between progress-bar loss updates (each reads the loss: a device sync)
