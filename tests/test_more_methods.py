@@ -255,6 +255,10 @@ def test_wttm_weights_samples_by_the_teachers_uncertainty(gen):
     close(loss.distillation_term(ModelOutputs(student[:1]), ModelOutputs(flat)), 0.0, atol=1e-6)  # equal: KL 0
     one_hot_term = loss.distillation_term(ModelOutputs(student[:1]), ModelOutputs(sharp))
     close(one_hot_term, math.log(C), atol=1e-5)  # U = 1, KL(one-hot || uniform) = log C
+    peaked = torch.arange(C, dtype=torch.float32)[None]  # a student that is not uniform
+    kl_from_uniform = -math.log(C) - F.log_softmax(peaked, 1).mean()
+    uniform_term = loss.distillation_term(ModelOutputs(peaked), ModelOutputs(flat))
+    close(uniform_term, C ** (1 - 1 / 4) * kl_from_uniform, atol=1e-5)  # U = C^(1 - 1/T)
     student, teacher, _ = logits_case(gen)
     kl = (F.softmax(teacher, 1) * (F.log_softmax(teacher, 1) - F.log_softmax(student, 1))).sum(1).mean()
     close(WTTM(T=1).distillation_term(ModelOutputs(student), ModelOutputs(teacher)), kl, atol=1e-5)

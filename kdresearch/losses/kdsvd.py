@@ -51,7 +51,7 @@ from kdresearch.config import validators
 from kdresearch.losses.base import WeightedDistillation, pair_error
 from kdresearch.models import stage_field
 
-RBF_WIDTH = 8.0  # the suites' exp(-d^2 / 8), the original code's too
+RBF_WIDTH = 8.0  # the suites' exp(-d^2 / 8)
 STUDENT_EXTRA_VECTORS = 3  # the student offers k + 3 vectors to align with the teacher's k
 
 
@@ -64,7 +64,7 @@ def _finite_gradient_per_sample(grad: torch.Tensor) -> torch.Tensor:
 def singular_directions(feature_map: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, V): per sample, the first k singular values of X = (H*W) x C as one L2-normalised
     k-vector, (N, k), and the k right singular vectors, each L2-normalised, (N, C, k). A map with
-    fewer than k (min(H*W, C)) gives them all, as the suites' slicing does.
+    fewer than k singular vectors (it has min(H*W, C)) gives all it has, as the suites' slicing does.
 
     In float32: under autocast the maps may arrive in bf16/fp16, for which torch has no SVD.
     """
