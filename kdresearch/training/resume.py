@@ -14,7 +14,8 @@ from pathlib import Path
 
 from kdresearch.config.identity import differences
 from kdresearch.errors import KDResearchError
-from kdresearch.training.checkpoint import load_checkpoint
+from kdresearch.layout import JobFolder
+from kdresearch.training.weights import newest_epoch_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +38,22 @@ def locate(spec: str, tracker) -> ResumePoint:
     if not folder.is_dir():
         folder = _folder_of_run(spec, tracker)
         checked_run = spec
-    candidates = sorted((folder / "checkpoints").glob("epoch_*.pt"), reverse=True)
-    for path in candidates:
-        try:
-            checkpoint = load_checkpoint(path)
-        except KDResearchError as error:
-            log.warning("resume: skipping %s (%s)", path, error)
-            continue
-        if tracker is not None and checkpoint["run_id"] != checked_run:
-            if _stored_run(spec, checkpoint["run_id"], tracker) is None:
-                raise KDResearchError(
-                    f"resume={spec}: the job's MLflow run {checkpoint['run_id']} is not in {tracker.uri}; "
-                    f"give the tracking.uri the job was tracked in"
-                )
-        log.info("resume: continuing MLflow run %s from %s (epoch %d done)",
-                 checkpoint["run_id"], path, checkpoint["epoch"])
-        return ResumePoint(checkpoint, checkpoint["run_id"], folder)
-    raise KDResearchError(
-        f"resume={spec}: no complete checkpoint in {folder / 'checkpoints'} (the job ended before its "
-        f"first epoch finished); start it again without resume"
-    )
+    found = newest_epoch_checkpoint(JobFolder(folder))
+    if found is None:
+        raise KDResearchError(
+            f"resume={spec}: no complete checkpoint in {folder / 'checkpoints'} (the job ended before its "
+            f"first epoch finished); start it again without resume"
+        )
+    path, checkpoint = found
+    if tracker is not None and checkpoint["run_id"] != checked_run:
+        if _stored_run(spec, checkpoint["run_id"], tracker) is None:
+            raise KDResearchError(
+                f"resume={spec}: the job's MLflow run {checkpoint['run_id']} is not in {tracker.uri}; "
+                f"give the tracking.uri the job was tracked in"
+            )
+    log.info("resume: continuing MLflow run %s from %s (epoch %d done)",
+             checkpoint["run_id"], path, checkpoint["epoch"])
+    return ResumePoint(checkpoint, checkpoint["run_id"], folder)
 
 
 def _stored_run(spec: str, run_id: str, tracker):

@@ -3,7 +3,8 @@
 
 Weights come from
 - an MLflow run: its artifact `checkpoints/final.pt` (layout.FINAL_CHECKPOINT);
-- a job folder: its `checkpoints/final.pt`, else its newest complete epoch checkpoint;
+- a job folder: its `checkpoints/final.pt`, else its newest complete epoch checkpoint (the one
+  `resume=` continues from too);
 - a checkpoint file: one of ours, a benchmark suite's (RepDistiller, mdistiller: the weights under
   `model`, `net` or `state_dict`) or a bare state_dict (`checkpoint.model_state`).
 Every file is read by `checkpoint.load_checkpoint`, with `weights_only=True`. `load_weights` puts
@@ -63,13 +64,23 @@ def _folder_checkpoint(folder: Path) -> tuple[Path, dict]:
     job = JobFolder(folder)
     if job.final_checkpoint.is_file():
         return job.final_checkpoint, load_checkpoint(job.final_checkpoint)
-    for path in reversed(job.epoch_checkpoints()):  # written atomically: only a failed disk damages one
+    found = newest_epoch_checkpoint(job)
+    if found is None:
+        raise KDResearchError(
+            f"{folder} holds no {FINAL_CHECKPOINT} and no readable {CHECKPOINT_DIR}/{EPOCH_CHECKPOINTS}")
+    return found
+
+
+def newest_epoch_checkpoint(job: JobFolder) -> Optional[tuple[Path, dict]]:
+    """The job folder's newest epoch checkpoint that reads, with its content; None when none does.
+    One that does not read is skipped with a warning (they are written atomically: only a failed
+    disk damages one)."""
+    for path in reversed(job.epoch_checkpoints()):
         try:
             return path, load_checkpoint(path)
         except KDResearchError as error:
             log.warning("skipping %s (%s)", path, error)
-    raise KDResearchError(
-        f"{folder} holds no {FINAL_CHECKPOINT} and no readable {CHECKPOINT_DIR}/{EPOCH_CHECKPOINTS}")
+    return None
 
 
 def from_run(tracker, run_id: str, what: str = "MLflow run") -> CheckpointSource:
