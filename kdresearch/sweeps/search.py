@@ -56,6 +56,8 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState, create_trial
 
+from kdresearch.training.result import objective
+
 log = logging.getLogger(__name__)
 
 PLUGIN_MODULE = "hydra_plugins.kdresearch_search"  # the name Hydra instantiates the sweeper by
@@ -113,16 +115,6 @@ def job_number(run, folder: Path) -> Optional[int]:
         return None
     path = Path(output_dir).resolve()
     return int(path.name) if path.parent == folder and path.name.isdigit() else None
-
-
-def run_value(run) -> Optional[float]:
-    """What the job returned to the sweeper (kdresearch.trainer.run): the last epoch's val/acc when
-    it had a validation split, else its last test/acc."""
-    metrics = run.data.metrics
-    for key in ("val/acc", "test/acc"):
-        if key in metrics:
-            return float(metrics[key])
-    return None
 
 
 def _parse(text: str, distribution: BaseDistribution) -> Any:
@@ -195,7 +187,7 @@ def read_trials(tracker, sweep_dir: str, distributions: dict, fixed: dict) -> li
             except ValueError as error:
                 trial.problem = str(error)
         if run.info.status == FINISHED:
-            trial.value = run_value(run)
+            trial.value = objective(run.data.metrics)  # what the job returned to the sweeper
             if trial.value is None and not trial.problem:
                 trial.problem = "no val/acc or test/acc"
         trials.append(trial)

@@ -21,6 +21,7 @@ from torch import nn
 
 from kdresearch.config.identity import config_identity, identity_hash
 from kdresearch.layout import CONF_DIR
+from kdresearch.tracking.names import CONFIG_HASH, tag_equals
 from kdresearch.training.weights import CheckpointSource, from_path, from_run, load_weights
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,11 @@ def load_teacher_weights(teacher: nn.Module, source: CheckpointSource) -> None:
 
 
 def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, tracker,
-                   work_dir: Path, train: Callable[[DictConfig, Path], str],
-                   pinned_run_id: Optional[str] = None) -> Optional[str]:
+                   train: Callable[[DictConfig], str], pinned_run_id: Optional[str] = None) -> Optional[str]:
     """Fill `teacher` with trained weights; return the MLflow run id they came from (None if unknown).
 
-    `train(job_cfg, output_dir)` trains a teacher as its own run and returns that run's id.
+    `train(job_cfg)` trains a teacher as its own run (kdresearch.teacher.provider: in the student's
+    job folder) and returns that run's id.
     `pinned_run_id` (a resumed job's teacher) takes precedence over the automatic search, so a
     continuation never switches to a newer teacher.
     """
@@ -78,15 +79,14 @@ def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, t
     job = teacher_job_config(cfg)
     wanted = training_config_hash(job, data_fingerprint)
     with tracker.lock(f"teacher-{wanted}.lock"):
-        found = tracker.find_runs(
-            f"tags.config_hash = '{wanted}' and attributes.status = 'FINISHED'", max_results=1
-        )
+        found = tracker.find_runs(f"{tag_equals(CONFIG_HASH, wanted)} and attributes.status = 'FINISHED'",
+                                  max_results=1)
         if found:
             run_id = found[0].info.run_id
             log.info("teacher: reusing MLflow run %s (%s), the newest finished run with this training config",
                      run_id, found[0].info.run_name)
         else:
             log.info("teacher: no finished run with this training config (%s); training one first", wanted)
-            run_id = train(job, work_dir / "teacher")
+            run_id = train(job)
     load_teacher_weights(teacher, from_run(tracker, run_id, "teacher run"))
     return run_id

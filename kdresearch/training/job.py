@@ -1,6 +1,20 @@
-"""One training job as named steps, and `run(cfg)`, what `train.py` calls: it returns the final
-validation accuracy (test accuracy when there is no validation split) so that a Hydra sweeper can
-optimise it.
+"""One training job as one MLflow run, and `run(cfg)`, what `train.py` calls: it returns what a
+Hydra sweeper optimises (kdresearch.training.result.objective).
+
+`run_job` takes a job's steps in this order:
+
+    config checked       every key, before any work (Job)
+    runtime              device, data-parallel world (Runtime; train.py installs the signal handlers)
+    data                 the splits and their fingerprint
+    where it starts      afresh, from a checkpoint, again from epoch 1, or not at all (training.resume)
+    student and loss     built and bound to the pair (bind_pair)
+    teacher              found, trained or loaded, its outputs ready (teacher.provider)
+    resumed              the optimizer, schedule and RNG state of the checkpoint (Training.restore)
+    run opened           a new MLflow run, or the continued one reopened (open_run, log_start)
+    epochs               batches, loop, checkpoint, metrics (Training.run_epochs)
+    final                the final checkpoint and the MLflow model (finish)
+
+Under torchrun every rank takes every step; rank 0 alone tracks, checkpoints and evaluates.
 """
 
 from __future__ import annotations
@@ -25,13 +39,13 @@ from kdresearch.config.naming import run_name
 from kdresearch.config.validation import check_config
 from kdresearch.data.splits import Dataset
 from kdresearch.errors import KDResearchError
-from kdresearch.layout import FINAL_CHECKPOINT
+from kdresearch.layout import CHECKPOINT_DIR, EPOCH_CHECKPOINTS, JobFolder
 from kdresearch.losses.base import TrainingLoss
 from kdresearch.models import first_layer_norm, model_name, parameter_count
 from kdresearch.runtime import devices, distributed, interrupts
 from kdresearch.sweeps import parent_runs
-from kdresearch.teacher.outputs import teacher_outputs as build_teacher_outputs
-from kdresearch.teacher.sources import obtain_teacher
+from kdresearch.teacher.provider import TeacherInUse, provide_teacher
+from kdresearch.tracking import names
 from kdresearch.tracking.run import DatasetRecord, NullRun
 from kdresearch.tracking.store import Tracker, check_param_keys
 from kdresearch.training import resume
@@ -43,19 +57,9 @@ from kdresearch.training.checkpoint import (
     save_checkpoint,
 )
 from kdresearch.training.loop import evaluate, seed_everything, train_one_epoch
+from kdresearch.training.result import JobResult
 
 log = logging.getLogger(__name__)
-@dataclass
-class JobResult:
-    run_id: str
-    test_acc: float
-    checkpoint: Path
-    objective: float  # what a sweeper optimises: the last val/acc with data.val_size > 0, else test/acc
-
-    @classmethod
-    def of(cls, run_id: str, metrics: dict, checkpoint: Path) -> "JobResult":
-        """From the last epoch's metrics (the objective rule in one place)."""
-        return cls(run_id, metrics["test/acc"], checkpoint, metrics.get("val/acc", metrics["test/acc"]))
 
 
 def run(cfg: DictConfig, output_dir: Optional[Path] = None) -> float:
@@ -71,268 +75,175 @@ def run(cfg: DictConfig, output_dir: Optional[Path] = None) -> float:
         distributed.shutdown()
 
 
+def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
+            sweep: Optional[str] = None) -> JobResult:
+    """Train one job as one MLflow run, step by step (the module docstring); `overrides` are the
+    command-line overrides to record and `sweep` names the multirun the job belongs to (tag
+    `sweep`, for filtering in compare.py and the UI)."""
+    job = Job(cfg, overrides, sweep)
+    data: Dataset = build(cfg.data, "data")
+    fingerprint = data.fingerprint()
+    identity = config_identity(cfg, fingerprint)
+    start = resume.job_start(cfg.resume, Path(output_dir), identity, job.tracker, job.runtime.world,
+                             job.parent_run_id if sweep else None)
+    if start.finished_run_id is not None:
+        return resume.finished_result(job.tracker, start.finished_run_id)
+    folder = JobFolder(start.output_dir)
+    pair = bind_pair(cfg, data)
+    teacher = None
+    if pair.teacher is not None:
+        pinned = start.point.checkpoint.get("teacher_run_id") if start.point else None
+        teacher = provide_teacher(cfg, pair.teacher, pair.loss_fn.teacher_fields, data, fingerprint, job.tracker,
+                                  folder, job.runtime.world, job.runtime.device, job.runtime.memory_format,
+                                  job.augment_seed, pinned, train_job=run_job)
+    training = Training(job, pair, data, teacher, identity)
+    first_epoch = training.restore(start.point)
+    tracked = open_run(job, start, folder, training, data, fingerprint, identity)
+    with tracked:
+        log_start(job, tracked, training, resumed=start.point is not None)
+        state = training.run_epochs(tracked, first_epoch, folder, start.point)
+        final = finish(job, tracked, training, state, folder)
+    if not job.runtime.world.is_main:
+        return JobResult.untracked(final)
+    report(job.name, tracked.run_id, state["metrics"])
+    return JobResult.of(tracked.run_id, state["metrics"], final)
 
 
-class Job:
-    """One training job as named steps: `build` (data, models, loss, teacher, optimizer),
-    `restore` (from a resume point), `start_run` (MLflow), `train` (epochs, checkpoints, metrics),
-    `finish` (final checkpoint). `run_job` calls them in that order.
-    Under torchrun every rank runs the job; rank 0 alone tracks, checkpoints and evaluates."""
+# --- config checked, runtime ---------------------------------------------------------------------
 
-    def __init__(self, cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
-                 sweep: Optional[str] = None):
-        check_config(cfg)
-        self.cfg = cfg
-        self.output_dir = output_dir
-        self.overrides, self.sweep = tuple(overrides), sweep
+@dataclass(frozen=True)
+class Runtime:
+    """Where the job computes: its device and the data-parallel world it is a rank of."""
+
+    world: distributed.World
+    device: torch.device
+    memory_format: torch.memory_format
+
+    @classmethod
+    def open(cls, cfg: DictConfig) -> "Runtime":
         devices.set_deterministic(cfg.device.deterministic)
         devices.keep_freed_memory(cfg.device.keep_freed_memory)
         device = devices.resolve_device(cfg.device.type)
-        self.world = distributed.init(device.type)
-        self.device = distributed.device_for(self.world, device)
-        self.memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
-        self.augment_seed = cfg.seed if cfg.augment_seed is None else cfg.augment_seed
+        world = distributed.init(device.type)
+        return cls(world, distributed.device_for(world, device),
+                   torch.channels_last if cfg.device.channels_last else torch.contiguous_format)
+
+    def describe(self) -> str:
+        """The run's tag `device`."""
+        return str(self.device) if not self.world.active else f"{self.device.type} x{self.world.size} (DDP)"
+
+
+class Job:
+    """What a job is before any work: its config, checked (every key, and every param MLflow would
+    refuse), what its run records (name, params, overrides, sweep), the runtime it trains on, and
+    where it is tracked (rank 0's MLflow store and parent run; None on the other ranks)."""
+
+    def __init__(self, cfg: DictConfig, overrides: tuple[str, ...] = (), sweep: Optional[str] = None):
+        check_config(cfg)
+        self.cfg = cfg
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
         self.params = flatten({k: v for k, v in self.resolved.items() if k not in resume.FREE_KEYS})
         check_param_keys(self.params)  # a key MLflow refuses (`+a$b=1`) fails here, before any work
         self.name = run_name(cfg)  # reads the loss's config file: once per job
-        self.tracker = (Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.retry_minutes)
-                        if self.world.is_main else None)
-        self.resume_point: Optional[resume.ResumePoint] = None
-        self.parent_run_id = parent_runs.parent_run_id(sweep) if self.world.is_main else None
-        self.finished_run_id: Optional[str] = None  # set in a sweep run again: this configuration is done
-        self.teacher_outputs = None
-        self.teacher_run_id: Optional[str] = None
+        self.overrides, self.sweep = tuple(overrides), sweep
+        self.augment_seed = cfg.seed if cfg.augment_seed is None else cfg.augment_seed
+        self.runtime = Runtime.open(cfg)
+        main = self.runtime.world.is_main
+        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.retry_minutes) if main else None
+        self.parent_run_id = parent_runs.parent_run_id(sweep) if main else None
 
-    # --- build ----------------------------------------------------------------------------------
 
-    def build(self) -> None:
-        cfg, world = self.cfg, self.world
-        self.data: Dataset = build(cfg.data, "data")
-        self.data_fingerprint = self.data.fingerprint()
-        # The student is built right after seeding, so every run of one seed starts from the same
-        # weights (the tutorial's first_layer_norm check); the teacher never touches this RNG
-        # stream, and what the loss sizes from the pair (bind) is drawn right after the student.
-        seed_everything(cfg.seed)
-        self.student: nn.Module = build(cfg.model, "model")
-        self.loss_fn: TrainingLoss = build(cfg.loss, "loss")
-        self.identity = config_identity(cfg, self.data_fingerprint)
-        if cfg.resume:
-            self.locate_resume_point()
-        elif self.sweep:
-            self.continue_sweep_job()
-            if self.finished_run_id is not None:
-                return
-        train_size = self.data.train_size
-        if self.loss_fn.needs_teacher:
-            with torch.random.fork_rng(devices=[]):
-                teacher = build(cfg.teacher.model, "teacher.model")
-            self.loss_fn.bind(self.student, teacher, train_size=train_size)
-            self.setup_teacher(teacher)
-        else:
-            self.loss_fn.bind(self.student, None, train_size=train_size)
+# --- student and loss bound to the pair ----------------------------------------------------------
+
+@dataclass
+class Pair:
+    """The student, the loss bound to it and, for a loss that needs one, the teacher's architecture
+    (its weights come in the teacher step)."""
+
+    student: nn.Module
+    loss_fn: TrainingLoss
+    teacher: Optional[nn.Module]
+
+
+def bind_pair(cfg: DictConfig, data: Dataset) -> Pair:
+    # The student is built right after seeding, so every run of one seed starts from the same
+    # weights (the tutorial's first_layer_norm check); the teacher never touches this RNG
+    # stream, and what the loss sizes from the pair (bind) is drawn right after the student.
+    seed_everything(cfg.seed)
+    student = build(cfg.model, "model")
+    loss_fn = build(cfg.loss, "loss")
+    teacher = None
+    if loss_fn.needs_teacher:
+        with torch.random.fork_rng(devices=[]):
+            teacher = build(cfg.teacher.model, "teacher.model")
+    loss_fn.bind(student, teacher, train_size=data.train_size)
+    return Pair(student, loss_fn, teacher)
+
+
+# --- resumed, epochs ------------------------------------------------------------------------------
+
+class Training:
+    """The epochs of one job: the student and loss on the device, the optimizer and schedule, the
+    batches, and what every epoch so far measured (kept in each checkpoint)."""
+
+    def __init__(self, job: Job, pair: Pair, data: Dataset, teacher: Optional[TeacherInUse], identity: dict):
+        cfg, runtime = job.cfg, job.runtime
+        self.cfg, self.runtime, self.resolved, self.identity = cfg, runtime, job.resolved, identity
+        self.student, self.loss_fn, self.teacher = pair.student, pair.loss_fn, teacher
         self.init_norm = first_layer_norm(self.student)
-        self.student.to(self.device, memory_format=self.memory_format)
-        self.loss_fn.to(self.device)
+        self.student.to(runtime.device, memory_format=runtime.memory_format)
+        self.loss_fn.to(runtime.device)
         self.optimizer = build(cfg.optimizer, "optimizer",
                                itertools.chain(self.student.parameters(), self.loss_fn.parameters()))
         self.scheduler = build(cfg.scheduler, "scheduler", self.optimizer, cfg.epochs)
         self.data_order = torch.Generator().manual_seed(cfg.seed)
-        self.train_batches = self.data.batches("train", cfg.batch_size, self.device, generator=self.data_order,
-                                               channels_last=cfg.device.channels_last, augment=self.data.augment,
-                                               shard=(world.rank, world.size), augment_seed=self.augment_seed)
-        self.test_batches = self.data.batches("test", 256, self.device, channels_last=cfg.device.channels_last)
-        self.val_batches = (self.data.batches("val", 256, self.device, channels_last=cfg.device.channels_last)
-                            if self.data.has_validation else None)
+        channels_last, device, world = cfg.device.channels_last, runtime.device, runtime.world
+        self.train_batches = data.batches("train", cfg.batch_size, device, generator=self.data_order,
+                                          channels_last=channels_last, augment=data.augment,
+                                          shard=(world.rank, world.size), augment_seed=job.augment_seed)
+        self.test_batches = data.batches("test", 256, device, channels_last=channels_last)
+        self.val_batches = (data.batches("val", 256, device, channels_last=channels_last)
+                            if data.has_validation else None)
         self.best: dict[str, float] = {}  # best/val_acc, best/epoch, best/test_acc: the epoch chosen on validation
         self.history: dict[int, dict] = {}  # every epoch's metrics so far, kept in each checkpoint
 
-    def locate_resume_point(self) -> None:
-        # Rank 0 may need MLflow to find the job folder; the others follow its answer.
-        world = self.world
-        folder = Path(str(self.cfg.resume)).expanduser()
-        if folder.is_dir() and not _has_epoch_checkpoint(folder) and _has_epoch_checkpoint(folder / "teacher"):
-            # Stopped while it trained its automatic teacher: setup_teacher continues that teacher's
-            # run, then the student starts in this same folder.
-            log.info("resume: %s was stopped while training its teacher; continuing the teacher, then the student",
-                     folder)
-            self.output_dir = folder
-            return
-        point = resume.locate(str(self.cfg.resume), self.tracker) if world.is_main else None
-        folder = distributed.broadcast_object(world, str(point.output_dir) if point else None)
-        point = point or resume.locate(folder, self.tracker)
-        resume.check_same_job(point.checkpoint, self.identity)
-        self.resume_point = point
-        self.output_dir = point.output_dir
-
-    def continue_sweep_job(self) -> None:
-        """A sweep run again in its folder (hydra.sweep.dir=<old folder>) does each configuration
-        once: the configuration's latest run in the sweep's parent run FINISHED -> nothing to train;
-        it left a checkpoint -> resume it (the same bit-exact continuation as resume=); else train."""
-        world = self.world
-        earlier = None
-        if world.is_main and self.parent_run_id:
-            runs = self.tracker.find_runs(f"tags.mlflow.parentRunId = '{self.parent_run_id}' and "
-                                          f"tags.config_hash = '{identity_hash(self.identity)}'")
-            earlier = (runs[0].info.run_id, runs[0].info.status, runs[0].data.tags.get("output_dir")) if runs else None
-        earlier = distributed.broadcast_object(world, earlier)
-        if earlier is None:
-            return
-        run_id, status, folder = earlier
-        if status == "FINISHED":
-            self.finished_run_id = run_id
-            log.info("sweep: %s already FINISHED in MLflow run %s; not trained again", self.name, run_id)
-        elif folder and _has_epoch_checkpoint(Path(folder)):
-            point = resume.locate(folder, self.tracker)
-            resume.check_same_job(point.checkpoint, self.identity)
-            self.resume_point, self.output_dir = point, point.output_dir
-        else:
-            if status == "RUNNING" and world.is_main:  # its process died (SIGKILL, lost node) before epoch 1 ended
-                self.tracker.client.set_terminated(run_id, status="KILLED")
-            log.info("sweep: %s's earlier run %s (%s) left no checkpoint; training it again", self.name, run_id, status)
-
-    def earlier_result(self) -> "JobResult":
-        """The result of this configuration's FINISHED run, read from MLflow (what a sweeper optimises)."""
-        if not self.world.is_main:
-            return JobResult("", float("nan"), Path(), float("nan"))
-        run = self.tracker.client.get_run(self.finished_run_id)
-        folder = Path(run.data.tags.get("output_dir", ""))
-        return JobResult.of(self.finished_run_id, run.data.metrics, folder / "checkpoints" / Path(FINAL_CHECKPOINT).name)
-
-    def setup_teacher(self, teacher: nn.Module) -> None:
-        """Fill `teacher` with trained weights and prepare its outputs (cached or online).
-
-        Rank 0 finds or trains the teacher; when it must train one, every rank joins that job (the
-        teacher trains data-parallel too) and rank 0's weights are then broadcast to all.
-        """
-        cfg, world = self.cfg, self.world
-        pinned = self.resume_point.checkpoint.get("teacher_run_id") if self.resume_point else None
-        with torch.random.fork_rng(devices=[]):  # the student's RNG stream stays untouched
-
-            def train_teacher(job: DictConfig, folder: Path) -> str:
-                if _has_epoch_checkpoint(folder):  # an interrupted attempt at this teacher: continue it
-                    job.resume = str(folder)
-                distributed.broadcast_object(world, ("train", OmegaConf.to_container(job)))
-                return run_job(job, folder, ("(teacher trained automatically)",)).run_id
-
-            if world.is_main:
-                run_id = obtain_teacher(cfg, teacher, self.data_fingerprint, self.tracker, self.output_dir,
-                                        train=train_teacher, pinned_run_id=pinned)
-                distributed.broadcast_object(world, ("done", run_id))
-            else:
-                while True:
-                    command, payload = distributed.broadcast_object(world)
-                    if command == "done":
-                        run_id = payload
-                        break
-                    run_job(OmegaConf.create(payload), self.output_dir / "teacher")
-            distributed.broadcast_module(world, teacher)
-            teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
-            self.teacher_outputs = build_teacher_outputs(
-                teacher, self.loss_fn.teacher_fields, self.data, self.device, cfg.device.precision,
-                cfg.device.channels_last, self.data.augment, cfg.cache, self.augment_seed, cfg.epochs)
-        self.teacher_run_id = run_id
-
-    # --- restore --------------------------------------------------------------------------------
-
-    def restore(self) -> int:
+    def restore(self, point: Optional[resume.ResumePoint]) -> int:
         """Load the resume point's state; returns the first epoch still to train."""
-        if self.resume_point is None:
+        if point is None:
             return 1
-        checkpoint = self.resume_point.checkpoint
+        checkpoint = point.checkpoint
         self.student.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.loss_fn.load_state_dict(checkpoint["loss"])
         restore_rng(checkpoint["rng"], {"data_order": self.data_order})
         self.best = {key: value for key, value in checkpoint["metrics"].items() if key.startswith("best/")}
-        self.history = checkpoint_history(checkpoint)
+        self.history = point.history()
         return checkpoint["epoch"] + 1
 
-    # --- tracking -------------------------------------------------------------------------------
-
-    def start_run(self):
-        cfg, world = self.cfg, self.world
-        if not world.is_main:
-            return NullRun()
-        if self.resume_point is not None:
-            tracked = self.tracker.resume_run(self.resume_point.run_id)
-        else:
-            tracked = self.new_run()
-        tracked.resume_hint = f"resume={self.output_dir.resolve()}"
-        if cfg.tracking.system_metrics:
-            tracked.start_system_metrics()
-        return tracked
-
-    def new_run(self):
-        cfg, world, sweep = self.cfg, self.world, self.sweep
-        is_teacher = cfg.loss.name == "ce" and cfg.model.name == cfg.teacher.model.name
-        tags = {
-            "role": "teacher" if is_teacher else "student",
-            "model": cfg.model.name,
-            "loss": cfg.loss.name,
-            "config_hash": identity_hash(self.identity),
-            "data_fingerprint": self.data_fingerprint,
-            "device": str(self.device) if not world.active else f"{self.device.type} x{world.size} (DDP)",
-            "output_dir": str(self.output_dir.resolve()),
-            "overrides": " ".join(self.overrides),
-        }
-        if self.teacher_run_id:
-            tags["teacher_run_id"] = self.teacher_run_id
-        if sweep:
-            tags["sweep"] = sweep
-        params = {**self.params, "parameter_count": parameter_count(self.student)}
-        tracked = self.tracker.start_run(self.name, tags, params, parent_run_id=self.parent_run_id)
-        with tracked.failing_on_error():
-            tracked.log_datasets(self.dataset_records())
-        return tracked
-
-    def dataset_records(self) -> list[DatasetRecord]:
-        """Each split of the data as an MLflow dataset input, identified by the data fingerprint."""
-        root = OmegaConf.select(self.cfg, "data.root")
-        source = str(Path(root).resolve()) if root else "synthetic"
-        return [DatasetRecord(self.cfg.data.name, self.data_fingerprint, source, context, rows, self.data.num_classes)
-                for context, rows in self.data.split_sizes().items()]
-
-    def log_start(self, tracked, first_epoch: int) -> None:
-        if not self.world.is_main:
-            return
-        log.info("MLflow run %s (%s) in %s, experiment %s", tracked.run_id, self.name, self.tracker.uri,
-                 self.cfg.tracking.experiment)
-        if self.tracker.uri.startswith(("http://", "https://")):
-            log.info("view it at %s", self.tracker.run_url(tracked.run_id))
-        if self.resume_point is None:
-            tracked.log_text(OmegaConf.to_yaml(self.resolved), "config/config.yaml")
-            tracked.log_metrics({"first_layer_norm": self.init_norm}, step=0)
-            log.info("%s: %d parameters, first_layer_norm at init %.4f, device %s", type(self.student).__name__,
-                     parameter_count(self.student), self.init_norm, self.device)
-        else:
-            tracked.log_missing_epochs(self.history)
-
-    # --- train ----------------------------------------------------------------------------------
-
-    def train(self, tracked, first_epoch: int) -> Optional[dict]:
+    def run_epochs(self, tracked, first_epoch: int, folder: JobFolder,
+                   point: Optional[resume.ResumePoint]) -> Optional[dict]:
         """Train the remaining epochs; returns the last checkpoint state (rank 0)."""
-        cfg, world = self.cfg, self.world
-        trained = distributed.wrap(world, self.student, self.device)
+        cfg, world, device = self.cfg, self.runtime.world, self.runtime.device
+        trained = distributed.wrap(world, self.student, device)
         trained = torch.compile(trained) if cfg.device.compile else trained
-        loss_call = distributed.wrap(world, self.loss_fn, self.device)
-        checkpoint_dir = self.output_dir / "checkpoints"
-        state = self.resume_point.checkpoint if self.resume_point else None
+        loss_call = distributed.wrap(world, self.loss_fn, device)
+        outputs = self.teacher.outputs if self.teacher is not None else None
+        state = point.checkpoint if point else None
         for epoch in range(first_epoch, cfg.epochs + 1):
             started = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]  # the lr this epoch trains with
             self.train_batches.set_epoch(epoch)  # this epoch's augmented views
-            if self.teacher_outputs is not None:
-                self.teacher_outputs.start_epoch(epoch)
-            metrics = train_one_epoch(trained, self.loss_fn, loss_call, self.teacher_outputs, self.optimizer,
-                                      self.train_batches, epoch, cfg, self.device)
+            if outputs is not None:
+                outputs.start_epoch(epoch)
+            metrics = train_one_epoch(trained, self.loss_fn, loss_call, outputs, self.optimizer,
+                                      self.train_batches, epoch, cfg, device)
             self.scheduler.step()
             metrics = distributed.average(world, metrics)
             epoch_seconds = time.perf_counter() - started
             if not world.is_main:
                 continue
-            test_acc, test_loss = evaluate(self.student, self.test_batches, self.device, cfg.device.precision)
+            test_acc, test_loss = evaluate(self.student, self.test_batches, device, cfg.device.precision)
             if not math.isfinite(test_loss):  # finite training losses can still hide inf weights
                 raise KDResearchError(
                     f"training diverged: test/loss is {test_loss} after epoch {epoch}; try a lower optimizer.lr"
@@ -348,8 +259,8 @@ class Job:
             self.history[epoch] = metrics
             state = self.checkpoint_state(tracked.run_id, epoch, metrics)
             interrupts.check()
-            save_checkpoint(state, checkpoint_dir / f"epoch_{epoch:04d}.pt")
-            keep_last(checkpoint_dir, "epoch_*.pt", cfg.checkpoint.keep_last)
+            save_checkpoint(state, folder.epoch_checkpoint(epoch))
+            keep_last(folder.checkpoints, EPOCH_CHECKPOINTS, cfg.checkpoint.keep_last)
             tracked.log_metrics(metrics, step=epoch, wait=False)  # kept for later while the server is away
             log.info("epoch %d/%d  train/loss %.4f  test/acc %.2f%%  test/loss %.4f  lr %.4g  %.1fs",
                      epoch, cfg.epochs, metrics["train/loss"], test_acc, test_loss, lr, epoch_seconds)
@@ -358,15 +269,16 @@ class Job:
     def validate(self, epoch: int, test_acc: float) -> dict:
         """val/acc and val/loss of this epoch, and the best epoch so far chosen on val/acc (ties:
         the earlier epoch) with the test accuracy of that same epoch: the honest figure to report."""
-        val_acc, val_loss = evaluate(self.student, self.val_batches, self.device, self.cfg.device.precision)
+        val_acc, val_loss = evaluate(self.student, self.val_batches, self.runtime.device, self.cfg.device.precision)
         if not self.best or val_acc > self.best["best/val_acc"]:
             self.best = {"best/val_acc": val_acc, "best/epoch": float(epoch), "best/test_acc": test_acc}
         return {"val/acc": val_acc, "val/loss": val_loss, **self.best}
 
     def checkpoint_state(self, run_id: str, epoch: int, metrics: dict) -> dict:
+        """The checkpoint of this epoch (kdresearch.training.checkpoint: the format)."""
         return {
             "format": FORMAT, "model_class": model_name(self.student), "run_id": run_id,
-            "teacher_run_id": self.teacher_run_id, "epoch": epoch,
+            "teacher_run_id": self.teacher.run_id if self.teacher else None, "epoch": epoch,
             "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "loss": self.loss_fn.state_dict(),
             "rng": capture_rng({"data_order": self.data_order}),
@@ -375,67 +287,109 @@ class Job:
             "history": {str(step): values for step, values in self.history.items()},
         }
 
-    def finish(self, tracked, state: dict) -> Path:
-        """Save the final checkpoint (also as the run's artifact), the MLflow model and the
-        teacher-cache tag."""
-        final = self.output_dir / "checkpoints" / Path(FINAL_CHECKPOINT).name
-        if self.world.is_main:
-            save_checkpoint(state, final)
-            tracked.log_file(final, str(Path(FINAL_CHECKPOINT).parent))
-            if self.cfg.tracking.log_model:
-                self.log_model(tracked)
-            if self.teacher_outputs is not None:
-                tracked.set_tags({"teacher_cache": "used" if self.teacher_outputs.used_cache else "online"})
-        return final
 
-    def log_model(self, tracked) -> None:
-        """The trained student as an MLflow model: CPU, float32, eval mode, fed normalised images
-        (the input example is two normalised test images)."""
-        started = time.perf_counter()
-        images = next(iter(self.test_batches))[0][:2].float().contiguous().cpu().numpy()
-        model = copy.deepcopy(self.student).to("cpu", torch.float32, memory_format=torch.contiguous_format)
-        tracked.log_model(model.eval(), images, registered_model_name=self.cfg.tracking.register_model)
-        log.info("logged the student as MLflow model runs:/%s/model (%.1fs)", tracked.run_id,
-                 time.perf_counter() - started)
+# --- run opened -----------------------------------------------------------------------------------
+
+def open_run(job: Job, start: resume.JobStart, folder: JobFolder, training: Training, data: Dataset,
+             fingerprint: str, identity: dict):
+    """The job's MLflow run (rank 0; a NullRun elsewhere): the resume point's run reopened, else a
+    new one with the job's tags, params and datasets."""
+    cfg = job.cfg
+    if not job.runtime.world.is_main:
+        return NullRun()
+    if start.point is not None:
+        tracked = job.tracker.resume_run(start.point.run_id)
+    else:
+        is_teacher = cfg.loss.name == "ce" and cfg.model.name == cfg.teacher.model.name
+        tags = {
+            names.ROLE: names.TEACHER_ROLE if is_teacher else names.STUDENT_ROLE,
+            names.MODEL: cfg.model.name,
+            names.LOSS: cfg.loss.name,
+            names.CONFIG_HASH: identity_hash(identity),
+            names.DATA_FINGERPRINT: fingerprint,
+            names.DEVICE: job.runtime.describe(),
+            names.OUTPUT_DIR: str(folder.path.resolve()),
+            names.OVERRIDES: " ".join(job.overrides),
+        }
+        if training.teacher is not None and training.teacher.run_id:
+            tags[names.TEACHER_RUN_ID] = training.teacher.run_id
+        if job.sweep:
+            tags[names.SWEEP] = job.sweep
+        params = {**job.params, "parameter_count": parameter_count(training.student)}
+        tracked = job.tracker.start_run(job.name, tags, params, parent_run_id=job.parent_run_id)
+        with tracked.failing_on_error():
+            tracked.log_datasets(dataset_records(cfg, data, fingerprint))
+    tracked.resume_hint = f"resume={folder.path.resolve()}"
+    if cfg.tracking.system_metrics:
+        tracked.start_system_metrics()
+    return tracked
 
 
-def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
-            sweep: Optional[str] = None) -> JobResult:
-    """Train one job as one MLflow run; `overrides` are the command-line overrides to record and
-    `sweep` names the multirun the job belongs to (tag `sweep`, for filtering in compare.py and the UI)."""
-    job = Job(cfg, Path(output_dir), overrides, sweep)
-    job.build()
-    if job.finished_run_id is not None:
-        return job.earlier_result()
-    first_epoch = job.restore()
-    tracked = job.start_run()
-    with tracked:
-        job.log_start(tracked, first_epoch)
-        state = job.train(tracked, first_epoch)
-        final = job.finish(tracked, state)
-    if not job.world.is_main:
-        return JobResult("", float("nan"), final, float("nan"))
-    metrics = state["metrics"]
+def dataset_records(cfg: DictConfig, data: Dataset, fingerprint: str) -> list[DatasetRecord]:
+    """Each split of the data as an MLflow dataset input, identified by the data fingerprint."""
+    root = OmegaConf.select(cfg, "data.root")
+    source = str(Path(root).resolve()) if root else "synthetic"
+    return [DatasetRecord(cfg.data.name, fingerprint, source, context, rows, data.num_classes)
+            for context, rows in data.split_sizes().items()]
+
+
+def log_start(job: Job, tracked, training: Training, resumed: bool) -> None:
+    """Where the run is; a new run's config and first-layer norm at initialisation, or, for a
+    continued one, the epochs its checkpoint holds that never reached MLflow."""
+    if not job.runtime.world.is_main:
+        return
+    log.info("MLflow run %s (%s) in %s, experiment %s", tracked.run_id, job.name, job.tracker.uri,
+             job.cfg.tracking.experiment)
+    if job.tracker.uri.startswith(("http://", "https://")):
+        log.info("view it at %s", job.tracker.run_url(tracked.run_id))
+    if resumed:
+        tracked.log_missing_epochs(training.history)
+        return
+    tracked.log_text(OmegaConf.to_yaml(job.resolved), "config/config.yaml")
+    tracked.log_metrics({"first_layer_norm": training.init_norm}, step=0)
+    log.info("%s: %d parameters, first_layer_norm at init %.4f, device %s", type(training.student).__name__,
+             parameter_count(training.student), training.init_norm, job.runtime.device)
+
+
+# --- final artifacts and model --------------------------------------------------------------------
+
+def finish(job: Job, tracked, training: Training, state: dict, folder: JobFolder) -> Path:
+    """Save the final checkpoint (also as the run's artifact), the MLflow model and the
+    teacher-cache tag."""
+    final = folder.final_checkpoint
+    if job.runtime.world.is_main:
+        save_checkpoint(state, final)
+        tracked.log_file(final, CHECKPOINT_DIR)  # the artifact layout.FINAL_CHECKPOINT
+        if job.cfg.tracking.log_model:
+            log_model(tracked, training.student, training.test_batches, job.cfg.tracking.register_model)
+        if training.teacher is not None:
+            tracked.set_tags({names.TEACHER_CACHE: "used" if training.teacher.outputs.used_cache else "online"})
+    return final
+
+
+def log_model(tracked, student: nn.Module, test_batches, register_as: Optional[str]) -> None:
+    """The trained student as an MLflow model: CPU, float32, eval mode, fed normalised images
+    (the input example is two normalised test images)."""
+    started = time.perf_counter()
+    images = next(iter(test_batches))[0][:2].float().contiguous().cpu().numpy()
+    model = copy.deepcopy(student).to("cpu", torch.float32, memory_format=torch.contiguous_format)
+    tracked.log_model(model.eval(), images, registered_model_name=register_as)
+    log.info("logged the student as MLflow model runs:/%s/model (%.1fs)", tracked.run_id,
+             time.perf_counter() - started)
+
+
+def report(name: str, run_id: str, metrics: dict) -> None:
+    """The job's last line: its test accuracy, and the epoch chosen on validation when there was one."""
     test_acc = metrics["test/acc"]
     if "best/epoch" in metrics:
         log.info("finished %s: test/acc %.2f%%; best epoch on validation %d (val/acc %.2f%%, test/acc %.2f%%) "
-                 "(run %s)", job.name, test_acc, metrics["best/epoch"], metrics["best/val_acc"],
-                 metrics["best/test_acc"], tracked.run_id)
+                 "(run %s)", name, test_acc, metrics["best/epoch"], metrics["best/val_acc"],
+                 metrics["best/test_acc"], run_id)
     else:
-        log.info("finished %s: test/acc %.2f%% (run %s)", job.name, test_acc, tracked.run_id)
-    return JobResult.of(tracked.run_id, metrics, final)
+        log.info("finished %s: test/acc %.2f%% (run %s)", name, test_acc, run_id)
 
 
-def checkpoint_history(checkpoint: dict) -> dict[int, dict]:
-    """{epoch: metrics} of every epoch a checkpoint has seen (only its own epoch for checkpoints
-    written before histories were kept)."""
-    history = checkpoint.get("history") or {str(checkpoint["epoch"]): checkpoint["metrics"]}
-    return {int(step): dict(values) for step, values in history.items()}
-
-
-def _has_epoch_checkpoint(job_folder: Path) -> bool:
-    return any((job_folder / "checkpoints").glob("epoch_*.pt"))
-
+# --- Hydra's view of the job ----------------------------------------------------------------------
 
 def _hydra_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
