@@ -8,7 +8,7 @@ Examples (from the project folder):
   python scripts/evaluate.py 3f2a9c... data=cifar100 data.root=/data     # another dataset
   python scripts/evaluate.py resnet8x4.pth model=resnet8x4 data=cifar100   # a file from elsewhere
   python scripts/evaluate.py 3f2a9c... device=cpu tracking.uri=sqlite:////abs/mlflow.db
-The logic lives in kdresearch/evaluation.py.
+The logic lives in kdresearch/reports/evaluation.py.
 """
 
 from __future__ import annotations
