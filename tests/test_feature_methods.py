@@ -1,11 +1,12 @@
-"""The relation-based feature methods (SP, PKT, RKD, CC, NST, ICKD): each term's value and gradients
+"""The feature methods (SP, PKT, RKD, CC, NST, ICKD, FSP): each term's value and gradients
 against torchdistill's loss class where its formula is the suites' (SP, PKT, RKD; ICKD up to its
 documented batch-size factor), else against a plain implementation of the authors' formula written
-out here (CC, NST, ICKD); their sizing from the model pair and their refusals; and each as a job on
+out here (SP, CC, NST, ICKD, FSP); their sizing from the model pair and their refusals; and each as a job on
 a zoo pair (resnet20 -> resnet8, synthetic data) that trains, logs its parts and resumes exactly."""
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 from pathlib import Path
@@ -19,7 +20,9 @@ from torch.nn import functional as F
 from kdresearch.config.groups import build
 from kdresearch.errors import KDResearchError
 from kdresearch.layout import CONF_DIR
+from kdresearch.losses.base import Progress
 from kdresearch.losses.cc import CorrelationCongruence, correlation_congruence
+from kdresearch.losses.fsp import FlowOfSolutionProcedure, flow_of_solution_procedure, fsp_matrix
 from kdresearch.losses.ickd import InterChannelCorrelation, inter_channel_correlation
 from kdresearch.losses.nst import NeuronSelectivityTransfer, neuron_selectivity_transfer
 from kdresearch.losses.pkt import ProbabilisticKnowledgeTransfer, probabilistic_transfer
@@ -28,6 +31,7 @@ from kdresearch.losses.sp import SimilarityPreserving, similarity_preserving
 from kdresearch.models import ModelOutputs, Network
 from kdresearch.training.checkpoint import load_checkpoint
 from kdresearch.training.job import run_job
+from kdresearch.training.loop import seed_everything
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
@@ -366,18 +370,127 @@ def test_ickd_adds_kd_when_asked(gen):
         InterChannelCorrelation(kd_weight=1.0).bind(student, net("T100", classes=100))
 
 
+# --- FSP -----------------------------------------------------------------------------------------
+
+def plain_fsp_matrix(first, second):
+    """RepDistiller's compute_fsp for one pair, with loops: pool the larger map (integer factors),
+    G[n, j, i] = mean over positions of second[n, j] * first[n, i]."""
+    size = min(first.shape[2], second.shape[2])
+    first, second = F.avg_pool2d(first, first.shape[2] // size), F.avg_pool2d(second, second.shape[2] // size)
+    n, c_first, c_second = first.shape[0], first.shape[1], second.shape[1]
+    return torch.stack([torch.stack([torch.stack([(second[k, j] * first[k, i]).mean() for i in range(c_first)])
+                                     for j in range(c_second)]) for k in range(n)])
+
+
+def plain_fsp(student_stages, teacher_stages):
+    """RepDistiller's FSP forward: per consecutive pair mean((G_s - G_t)^2), summed."""
+    return sum((plain_fsp_matrix(s1, s2) - plain_fsp_matrix(t1, t2)).pow(2).mean()
+               for (s1, s2), (t1, t2) in zip(zip(student_stages, student_stages[1:]),
+                                             zip(teacher_stages, teacher_stages[1:])))
+
+
+def test_fsp_equals_the_authors_formula(gen):
+    student, teacher = net("S", (3, 4, 5), (8, 4, 4)), net("T", (3, 4, 5), (4, 8, 2))
+    s_stages, t_stages = stages_for(gen, student, n=3), stages_for(gen, teacher, n=3)
+    assert fsp_matrix(s_stages[0], s_stages[1]).shape == (3, 4, 3)
+    close(fsp_matrix(t_stages[0], t_stages[1]), plain_fsp_matrix(t_stages[0], t_stages[1]))
+    same_value_and_grads(lambda *s: flow_of_solution_procedure(s, t_stages), lambda *s: plain_fsp(s, t_stages),
+                         s_stages)
+
+
+def progress(epoch, epochs=4):
+    return Progress(epoch=epoch, step=1, epochs=epochs, steps_per_epoch=1)
+
+
+def test_fsp_trains_features_alone_then_the_classifier(gen):
+    model = net("M", (4, 6, 8), (8, 4, 2))
+    loss = FlowOfSolutionProcedure(init_epochs=2, ce_weight=0.5, distill_weight=3.0)
+    loss.bind(model, model)
+    assert loss.teacher_fields == ("stage0", "stage1", "stage2")
+    assert list(loss.parameters()) == [] and dict(loss.state_dict()) == {}
+    s_stages = tuple(leaves(*stages_for(gen, model)))
+    t_stages = stages_for(gen, model)
+    logits, labels = randn(gen, N, C).requires_grad_(True), labels_for(gen)
+    expected_fsp = flow_of_solution_procedure(s_stages, t_stages)
+    for epoch in (1, 2):  # the init stage: FSP alone, the classifier untouched
+        total, parts = loss(ModelOutputs(logits, stages=s_stages), ModelOutputs(None, stages=t_stages), labels,
+                            progress(epoch))
+        assert set(parts) == {"ce", "fsp"}
+        close(total, expected_fsp)
+        close(parts["ce"], F.cross_entropy(logits, labels))
+        assert torch.autograd.grad(total, logits, allow_unused=True) == (None,)
+    total, parts = loss(ModelOutputs(logits, stages=s_stages), ModelOutputs(None, stages=t_stages), labels,
+                        progress(3))
+    close(total, 0.5 * F.cross_entropy(logits, labels) + 3.0 * expected_fsp)
+    assert torch.autograd.grad(total, logits)[0].abs().sum() > 0
+
+
+def test_fsp_defaults_to_the_classifier_alone_after_its_init_stage(gen):
+    model = net("M", (4, 6), (8, 4))
+    loss = FlowOfSolutionProcedure()
+    loss.bind(model, model)
+    logits, labels = randn(gen, N, C), labels_for(gen)
+    total, parts = loss(ModelOutputs(logits, stages=stages_for(gen, model)),
+                        ModelOutputs(None, stages=stages_for(gen, model)), labels, progress(31, epochs=40))
+    close(total, F.cross_entropy(logits, labels))
+    assert parts["fsp"] > 0  # still logged
+
+
+@pytest.mark.parametrize("student, teacher, problem", [
+    (net("Narrow", (4, 6), (8, 4)), net("Wide", (4, 12), (8, 4)),
+     "both models need the same stage channels ((4, 6) vs (4, 12))"),
+    (net("Short", (4, 6), (8, 4)), net("Long", (4, 6, 8), (8, 4, 2)),
+     "both models need the same stage channels ((4, 6) vs (4, 6, 8))"),
+    (net("One", (4,), (8,)), net("One", (4,), (8,)), "FSP matrices need at least two stages"),
+])
+def test_fsp_refuses_pairs_it_cannot_compare(student, teacher, problem):
+    with pytest.raises(KDResearchError) as raised:
+        FlowOfSolutionProcedure().bind(student, teacher)
+    message = one_line(raised)
+    assert message.startswith("loss=fsp: ") and problem in message
+    assert f"student {student.describe()}" in message and f"teacher {teacher.describe()}" in message
+
+
+def test_fsp_refuses_an_init_stage_under_distributed_training(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    model = net("M", (4, 6), (8, 4))
+    with pytest.raises(KDResearchError, match=r"loss=fsp: the init stage \(loss.init_epochs=30\) trains without"):
+        FlowOfSolutionProcedure().bind(model, model)
+    FlowOfSolutionProcedure(init_epochs=0, distill_weight=1.0).bind(model, model)  # joint FSP + CE is fine
+
+
+def test_fsp_refuses_an_init_stage_that_leaves_no_epoch_and_a_call_without_progress(gen):
+    model = net("M", (4, 6), (8, 4))
+    loss = FlowOfSolutionProcedure(init_epochs=3)
+    loss.bind(model, model)
+    s = ModelOutputs(randn(gen, N, C), stages=stages_for(gen, model))
+    t = ModelOutputs(None, stages=stages_for(gen, model))
+    with pytest.raises(KDResearchError) as raised:
+        loss(s, t, labels_for(gen), progress(1, epochs=3))
+    assert one_line(raised) == ("loss=fsp: loss.init_epochs=3 leaves none of the 3 epochs to train the classifier; "
+                                "set epochs above 3 or lower loss.init_epochs")
+    with pytest.raises(KDResearchError, match="loss=fsp needs the epoch"):
+        loss(s, t, labels_for(gen))
+
+
 # --- shared: precision, batches of one, options, refusals ------------------------------------------
 
 def method_inputs(gen, n=N):
-    """(student outputs, teacher outputs) with every field a method may read."""
-    student, teacher = net("S"), net("T", (5, 7, 9), (8, 4, 2), embedding=16)
+    """(student outputs, teacher outputs) with every field a method may read (the stage channels
+    equal, for FSP)."""
+    student, teacher = net("S"), net("T", (4, 6, 8), (16, 4, 2), embedding=16)
     s = ModelOutputs(randn(gen, n, C), randn(gen, n, 12), stages_for(gen, student, n))
     t = ModelOutputs(randn(gen, n, C), randn(gen, n, 16), stages_for(gen, teacher, n))
     return student, teacher, s, t
 
 
 METHODS = {"sp": SimilarityPreserving, "pkt": ProbabilisticKnowledgeTransfer, "rkd": RelationalKD,
-           "cc": CorrelationCongruence, "nst": NeuronSelectivityTransfer, "ickd": InterChannelCorrelation}
+           "cc": CorrelationCongruence, "nst": NeuronSelectivityTransfer, "ickd": InterChannelCorrelation,
+           "fsp": functools.partial(FlowOfSolutionProcedure, init_epochs=0, distill_weight=1.0)}
+PROGRESS = Progress(epoch=1, step=1, epochs=2, steps_per_epoch=1)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -385,9 +498,9 @@ def test_terms_stay_float32_under_bf16_autocast(gen, name):
     student, teacher, s, t = method_inputs(gen)
     loss = METHODS[name]()
     loss.bind(student, teacher)
-    _, exact = loss(s, t, labels_for(gen))
+    _, exact = loss(s, t, labels_for(gen), PROGRESS)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, parts = loss(s, t, labels_for(gen))
+        _, parts = loss(s, t, labels_for(gen), PROGRESS)
     for part, value in parts.items():
         assert value.dtype == torch.float32, part
     # Float32 arithmetic from the (bf16) features on: within bf16 rounding of the inputs, not of products.
@@ -399,7 +512,7 @@ def test_a_batch_of_one_sample_gives_a_finite_loss(gen, name):
     student, teacher, s, t = method_inputs(gen, n=1)
     loss = METHODS[name]()
     loss.bind(student, teacher)
-    _, parts = loss(s, t, labels_for(gen, 1))
+    _, parts = loss(s, t, labels_for(gen, 1), PROGRESS)
     assert all(math.isfinite(float(value.detach())) for value in parts.values()), parts
     if name in ("rkd", "cc"):  # nothing to relate: the suites' code gives NaN here
         assert float(parts[name]) == 0.0
@@ -431,6 +544,8 @@ def test_nst_refuses_a_model_without_stages():
     (RelationalKD, {"distance_weight": "x"}, "loss.distance_weight must be a number"),
     (CorrelationCongruence, {"feat_dim": 0}, "loss.feat_dim must be an integer >= 1"),
     (ProbabilisticKnowledgeTransfer, {"distill_weight": -2}, "loss.distill_weight must be >= 0"),
+    (FlowOfSolutionProcedure, {"init_epochs": -1}, "loss.init_epochs must be an integer >= 0"),
+    (FlowOfSolutionProcedure, {"init_epochs": 2.5}, "loss.init_epochs must be an integer >= 0"),
 ])
 def test_bad_options_are_refused(cls, options, message):
     with pytest.raises(KDResearchError, match=message):
@@ -447,12 +562,20 @@ DEFAULTS = {  # conf/loss/<name>.yaml -> the class and the suites' defaults it m
     "nst": (NeuronSelectivityTransfer, {"ce_weight": 1.0, "distill_weight": 50.0}),
     "ickd": (InterChannelCorrelation, {"stage": -1, "ce_weight": 1.0, "distill_weight": 2.5, "kd_weight": 0.0,
                                        "T": 4.0}),
+    "fsp": (FlowOfSolutionProcedure, {"init_epochs": 30, "ce_weight": 1.0, "distill_weight": 0.0}),
 }
 JOB = ["debug=tiny", "data=synthetic", "data.limit_train=128", "data.limit_test=64", "model=resnet8",
        "teacher=resnet20", "device=cpu", "epochs=2", "batch_size=64", "teacher.batch_size=64", "optimizer=sgd",
        "optimizer.lr=0.05"]
-PARTS = {"sp": {"sp"}, "pkt": {"pkt"}, "rkd": {"rkd", "rkd_distance", "rkd_angle"}, "cc": {"cc"}, "nst": {"nst"},
-         "ickd": {"ickd"}}
+JOBS = {  # loss overrides -> the parts it must log (FSP: epoch 1 its init stage, epoch 2 the classifier)
+    "sp": (["loss=sp"], {"sp"}),
+    "pkt": (["loss=pkt"], {"pkt"}),
+    "rkd": (["loss=rkd"], {"rkd", "rkd_distance", "rkd_angle"}),
+    "cc": (["loss=cc"], {"cc"}),
+    "nst": (["loss=nst"], {"nst"}),
+    "ickd": (["loss=ickd"], {"ickd"}),
+    "fsp": (["loss=fsp", "loss.init_epochs=1"], {"fsp"}),
+}
 
 
 def compose_job(store: Path, *overrides: str):
@@ -476,20 +599,32 @@ def store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("feature-methods")  # one store: the teacher is trained once, then reused
 
 
-@pytest.mark.parametrize("name", list(PARTS))
+@pytest.mark.parametrize("name", list(JOBS))
 def test_method_trains_logs_its_parts_and_resumes_exactly(store, name):
-    job = run_job(compose_job(store, f"loss={name}"), store / name)
+    overrides, logged = JOBS[name]
+    job = run_job(compose_job(store, *overrides), store / name)
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     run = client.get_run(job.run_id)
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    assert {f"train/{part}" for part in PARTS[name] | {"ce", "loss"}} <= set(metrics)
-    assert all(math.isfinite(metrics[f"train/{part}"]) for part in PARTS[name])
+    assert {f"train/{part}" for part in logged | {"ce", "loss"}} <= set(metrics)
+    assert all(math.isfinite(metrics[f"train/{part}"]) for part in logged)
+
+    if name == "fsp":  # the init stage (epoch 1) left the classifier exactly as initialised; epoch 2 trained it
+        cfg = compose_job(store, *overrides)
+        seed_everything(cfg.seed)
+        initial = build(cfg.model, "model").state_dict()
+        after_init = load_checkpoint(store / name / "checkpoints" / "epoch_0001.pt")["model"]
+        final = load_checkpoint(job.checkpoint)["model"]
+        for key in ("fc.weight", "fc.bias"):
+            assert torch.equal(after_init[key], initial[key]) and not torch.equal(final[key], initial[key]), key
+        assert not torch.equal(after_init["conv1.weight"], initial["conv1.weight"])
 
     interrupted = store / f"{name}-interrupted"
     (interrupted / "checkpoints").mkdir(parents=True)
     shutil.copy(store / name / "checkpoints" / "epoch_0001.pt", interrupted / "checkpoints")
-    resumed = run_job(compose_job(store, f"loss={name}", f"resume={interrupted}"), store / f"{name}-unused")
+    client.set_terminated(job.run_id, "KILLED")  # as a stopped job leaves it (a FINISHED run is never reopened)
+    resumed = run_job(compose_job(store, *overrides, f"resume={interrupted}"), store / f"{name}-unused")
     done, again = load_checkpoint(job.checkpoint), load_checkpoint(resumed.checkpoint)
     for section in ("model", "loss"):
         assert done[section].keys() == again[section].keys()
