@@ -1,7 +1,7 @@
 """Inter-channel correlation (Liu, Huang, Lin, Xie, Wang, Chang & Liang, "Exploring Inter-Channel
 Correlation for Diversity-Preserved Knowledge Distillation", ICCV 2021), as the authors' CIFAR-100
 code computes it (ADLab-AutoDrive/ICKD `Cifar100/distiller_zoo/ICKD.py`; torchdistill's ChSimLoss
-is the authors' ImageNet version, which divides by one more N, see below).
+is their ImageNet version, which divides by one more N, see below).
 
 The student learns how the teacher's channels of one stage correlate with each other. The
 student's map first goes through an embedding (1x1 conv without bias, then BatchNorm) to the
@@ -11,15 +11,16 @@ teacher's channel count C; with the maps flattened over positions, Q (N, C, H*W)
     ickd  = 1 / (C * N) * || G(embed(F_s)) - G(F_t) ||_F^2
     total = ce_weight * CE + kd_weight * soft_target_kd(student, teacher, T) + distill_weight * ickd
 
-Only channel-by-channel matrices are compared, so the two maps may differ in size: every pair of
-models can be served. Defaults are the authors' CIFAR-100 ones: the last stage (their `feat[-2]`),
-weight 2.5 and no KD term (`-b 2.5 -a 0`, the README's ICKD row), CE weight 1; their "ICKD+KL" row
-is `loss.kd_weight=1` (KD temperature 4, `--kd_T 4`).
+Only channel-by-channel matrices are compared, so the two maps may differ in size: any pair of
+models can be served at the default stage (a `stage` one model lacks is refused). Defaults are the
+authors' CIFAR-100 ones: the last stage (their `feat[-2]`), weight 2.5 and no KD term
+(`-b 2.5 -a 0`, their README's ICKD row), CE weight 1; their "ICKD+KL" row is `loss.kd_weight=1`
+(KD temperature 4, `--kd_T 4`).
 
-torchdistill's ChSimLoss divides by C * N^2, i.e. its value is this one divided by the batch size;
-the CIFAR weight 2.5 is tuned to the authors' C * N. The authors' loss also creates a second
-embedding for the teacher that its forward never uses (it stays at its initial weights); it is
-not created here.
+torchdistill's ChSimLoss, like the authors' ImageNet code it comes from, divides by C * N^2: its
+value is this one divided by the batch size. The CIFAR weight 2.5 is tuned to the CIFAR code's
+C * N. The authors' loss also creates a second embedding for the teacher that its forward never
+uses (it stays at its initial weights); it is not created here.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""What the losses that compare relations between features (SP, PKT, RKD, CC, NST, ICKD) share:
-their arithmetic in float32, the row-normalised Gram matrix, and the choice of one stage per model.
+"""What the losses that compare relations between features (SP, PKT, RKD, CC, NST, ICKD, FSP)
+share: their arithmetic in float32, the row-normalised Gram matrix, and the choice of one stage per
+model.
 """
 
 from __future__ import annotations

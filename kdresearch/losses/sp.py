@@ -11,10 +11,11 @@ F (N, C, H, W), flattened to Q (N, C*H*W):
     total = ce_weight * CE(student logits, labels) + distill_weight * similarity_preserving
 
 Only sample-to-sample similarities are compared, so the two maps may differ in channels and size:
-every pair of models can be served. Defaults are the suites' CIFAR-100 ones: the last stage
-(RepDistiller `feat[-2]`, mdistiller `feats[-1]`: both the last stage's map), weight 3000, CE
-weight 1. The paper sums the term over several layer pairs; the suites' tables, which results here
-are compared with, use the last stage alone.
+any pair of models can be served at the default stage (a `stage` one model lacks is refused).
+Defaults are the suites' CIFAR-100 ones: the last stage (RepDistiller `feat[-2]`, mdistiller
+`feats[-1]`: both the last stage's map), weight 3000, CE weight 1. The paper sums the term over
+several layer pairs; the suites' tables, which results here are compared with, use the last stage
+alone.
 
 torchdistill's SPKDLoss (reduction='batchmean') differs in one place: it calls `normalize(G, 1)`,
 whose second argument is the norm's order p, so its rows are divided by their L1 norm, not the L2
