@@ -14,25 +14,33 @@ e (1-based) is base_lr * factor(e):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, MultiStepLR
 
+from kdresearch.config import validators
 from kdresearch.errors import KDResearchError
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise KDResearchError(f"scheduler: {message}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def check_options(options: Mapping[str, object], epochs: int, key: str = "scheduler") -> None:
+    """The rules of every schedule option present in `options` (a `scheduler` config node, or a
+    factory's arguments), named under `key` (`teacher.scheduler` for the teacher's recipe). The
+    factories check their arguments with it; `check_config` checks both config nodes before
+    anything starts. Keys no schedule knows are left to the factory's signature."""
+    if "milestones" in options:
+        milestones = options["milestones"]
+        listed = list(milestones) if isinstance(milestones, Sequence) and not isinstance(milestones, str) else None
+        if listed is None or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in listed) \
+                or listed != sorted(set(listed)):
+            raise KDResearchError(f"{key}.milestones must be increasing epoch numbers >= 1, got {milestones}")
+    if "gamma" in options:
+        validators.number(f"{key}.gamma", options["gamma"], above=0)
+    if "warmup_epochs" in options:
+        validators.integer(f"{key}.warmup_epochs", options["warmup_epochs"], at_least=0, below=epochs,
+                           note="fewer than the epochs")
+    if "min_factor" in options:
+        validators.number(f"{key}.min_factor", options["min_factor"], at_least=0, at_most=1)
 
 
 def constant(optimizer: Optimizer, epochs: int) -> LRScheduler:
@@ -41,18 +49,12 @@ def constant(optimizer: Optimizer, epochs: int) -> LRScheduler:
 
 def multistep(optimizer: Optimizer, epochs: int, milestones: Sequence[int] = (150, 180, 210),
               gamma: float = 0.1) -> LRScheduler:
-    milestones = list(milestones)
-    _check(all(_is_int(m) and m >= 1 for m in milestones) and milestones == sorted(set(milestones)),
-           f"scheduler.milestones must be increasing epoch numbers >= 1, got {milestones}")
-    _check(_is_number(gamma) and gamma > 0, f"scheduler.gamma must be a number > 0, got {gamma!r}")
-    return MultiStepLR(optimizer, milestones=milestones, gamma=float(gamma))
+    check_options({"milestones": milestones, "gamma": gamma}, epochs)
+    return MultiStepLR(optimizer, milestones=list(milestones), gamma=float(gamma))
 
 
 def cosine(optimizer: Optimizer, epochs: int, warmup_epochs: int = 0, min_factor: float = 0.0) -> LRScheduler:
-    _check(_is_int(warmup_epochs) and 0 <= warmup_epochs < epochs,
-           f"scheduler.warmup_epochs must be an integer in [0, epochs), got {warmup_epochs!r} (epochs={epochs})")
-    _check(_is_number(min_factor) and 0 <= min_factor <= 1,
-           f"scheduler.min_factor must be a number in [0, 1], got {min_factor!r}")
+    check_options({"warmup_epochs": warmup_epochs, "min_factor": min_factor}, epochs)
     decay_epochs = epochs - warmup_epochs
 
     def factor(epoch_index: int) -> float:  # epoch_index = epochs already done (0 for epoch 1)

@@ -6,6 +6,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -13,6 +14,13 @@ from kdresearch.errors import KDResearchError
 from kdresearch.layout import CONF_DIR
 
 log = logging.getLogger("train")
+
+
+class SweepJobFailed(CompactHydraException):
+    """A job of a multirun that stopped on a KDResearchError. Hydra's launchers keep the exception
+    of each failed job, run the others, then raise the first one; being compact, it is printed as
+    its message alone (after Hydra's "Error executing job with overrides: [...]") instead of a
+    traceback, and the sweep exits 1."""
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -28,9 +36,9 @@ def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
     except KDResearchError as error:
+        log.error("error: %s", error)  # in a sweep: one line in the failed job's place
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra reports the failing job of the sweep
-        log.error("error: %s", error)
+            raise SweepJobFailed(str(error)) from None  # the other jobs still run; the sweep then fails
         sys.exit(1)
     except KeyboardInterrupt:
         log.error("interrupted: the MLflow run is marked KILLED; the last epoch checkpoint is kept")

@@ -119,7 +119,7 @@ def test_limits_take_the_first_images(fixture_root):
 @pytest.mark.parametrize("limit", [0, -3, 2.5, True])
 def test_bad_limits_are_refused(fixture_root, limit):
     root, _ = fixture_root
-    with pytest.raises(KDResearchError, match="data.limit_train must be a positive integer"):
+    with pytest.raises(KDResearchError, match="data.limit_train must be an integer >= 1 or null"):
         load_cifar10(root=str(root), download=False, verify=False, limit_train=limit)
 
 

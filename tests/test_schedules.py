@@ -76,9 +76,9 @@ def test_state_dict_continues_mid_schedule():
 @pytest.mark.parametrize("make, message", [
     (lambda opt: schedules.multistep(opt, 10, milestones=[5, 3]), "scheduler.milestones must be increasing"),
     (lambda opt: schedules.multistep(opt, 10, milestones=["a"]), "scheduler.milestones must be increasing"),
-    (lambda opt: schedules.multistep(opt, 10, gamma="x"), "scheduler.gamma must be a number > 0, got 'x'"),
-    (lambda opt: schedules.cosine(opt, 10, warmup_epochs=10), "scheduler.warmup_epochs must be an integer in [0, epochs)"),
-    (lambda opt: schedules.cosine(opt, 10, min_factor=2), "scheduler.min_factor must be a number in [0, 1]"),
+    (lambda opt: schedules.multistep(opt, 10, gamma="x"), "scheduler.gamma must be a number, got 'x'"),
+    (lambda opt: schedules.cosine(opt, 10, warmup_epochs=10), "scheduler.warmup_epochs must be an integer in [0, 10)"),
+    (lambda opt: schedules.cosine(opt, 10, min_factor=2), "scheduler.min_factor must be in [0, 1], got 2"),
 ])
 def test_bad_options_are_one_line(make, message):
     with pytest.raises(KDResearchError) as raised:

@@ -6,6 +6,12 @@ content (its fingerprint) and preprocessing, the numeric precision, and, for a l
 which teacher and how it was trained. Everything else says where or how the job ran (tracking,
 caches, progress bars, device switches other than precision, the data's path) or is already part
 of the identity through an interpolation (top-level `T` reaches it as `loss.T`).
+
+A key that cannot change what is trained in a given job enters its identity at its default value
+(`inert_values`): `augment_seed` when nothing augments (neither the data, nor, for a loss with a
+teacher, the teacher's recipe), `data.val_seed` without a validation split. Such a job is the same
+job as one that never set them: it reuses that job's teacher and shares its compare row (and a job
+that leaves them at their defaults has the identity it had before this rule).
 """
 
 from __future__ import annotations
@@ -40,9 +46,24 @@ def is_identity_key(key: str, with_teacher: bool) -> bool:
     return with_teacher or root != "teacher"
 
 
+def inert_values(flat_config: Mapping[str, object], with_teacher: bool) -> dict:
+    """The identity keys this config cannot train with, at their default values (module docstring).
+    Values may be typed (a config) or text (MLflow params: 'True', '0')."""
+    augments = str(flat_config.get("data.augment")) == "True" or (
+        with_teacher and str(flat_config.get("teacher.augment")) == "True")
+    inert = {}
+    if not augments:
+        inert["augment_seed"] = None  # null: the views would follow `seed`; there are no views
+    if str(flat_config.get("data.val_size", 0)) == "0":
+        inert["data.val_seed"] = 0
+    return {key: value for key, value in inert.items() if key in flat_config}
+
+
 def training_identity(flat_config: Mapping[str, object], data_fingerprint: str, with_teacher: bool) -> dict:
-    """The identity keys of a flattened config, plus the data's content fingerprint."""
+    """The identity keys of a flattened config (inert ones at their defaults), plus the data's
+    content fingerprint."""
     identity = {key: value for key, value in flat_config.items() if is_identity_key(key, with_teacher)}
+    identity.update(inert_values(flat_config, with_teacher))
     identity[DATA_FINGERPRINT_KEY] = data_fingerprint
     return identity
 

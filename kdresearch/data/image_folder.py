@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from kdresearch.config import validators
 from kdresearch.data.batches import Batches, batch_indices
 from kdresearch.data.splits import (
     LabelledSplits,
@@ -202,8 +203,7 @@ def load_image_folder(root: Optional[str] = None, num_classes: int = 10, num_wor
         if not (folder / split).is_dir():
             raise KDResearchError(f"data.root={root}: {folder / split} is missing; the layout is "
                                   f"<root>/train/<class>/<image> and <root>/test/<class>/<image>")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise KDResearchError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+    validators.integer("data.num_workers", num_workers, at_least=0)
     check_normalisation(mean, std)
     check_num_classes(num_classes)
     classes = tuple(sorted(path.name for path in (folder / "train").iterdir() if path.is_dir()))

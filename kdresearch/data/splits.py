@@ -10,6 +10,7 @@ from typing import Optional, Protocol, Sequence
 
 import torch
 
+from kdresearch.config import validators
 from kdresearch.data.batches import BatchIterator
 from kdresearch.errors import KDResearchError
 
@@ -111,16 +112,12 @@ class ImageData(LabelledSplits):
 
 def check_limit(limit: Optional[int], what: str) -> Optional[int]:
     """`data.limit_train` / `data.limit_test`: None (all) or a positive integer."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise KDResearchError(f"data.{what} must be a positive integer or null, got {limit!r}")
-    return limit
+    return validators.integer(f"data.{what}", limit, at_least=1, or_null=True)
 
 
-def check_num_classes(num_classes: int) -> int:
-    """`data.num_classes`: an integer >= 2."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise KDResearchError(f"data.num_classes must be an integer >= 2, got {num_classes!r}")
-    return num_classes
+def check_num_classes(num_classes: int, at_most: Optional[int] = None, note: str = "") -> int:
+    """`data.num_classes`: an integer >= 2 (and <= `at_most` where the data sets a bound, `note` saying why)."""
+    return validators.integer("data.num_classes", num_classes, at_least=2, at_most=at_most, note=note)
 
 
 def check_class_count(found: int, num_classes: int, where: str) -> None:
@@ -132,9 +129,12 @@ def check_class_count(found: int, num_classes: int, where: str) -> None:
 
 
 def check_normalisation(mean: Sequence[float], std: Sequence[float]) -> None:
-    """`data.mean` / `data.std`: one value per RGB channel, std > 0."""
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise KDResearchError(f"data.mean and data.std need 3 values each, std > 0 (got {mean}, {std})")
+    """`data.mean` / `data.std`: one number per RGB channel, std > 0."""
+    for key, values, bound in (("data.mean", mean, {}), ("data.std", std, {"above": 0})):
+        if isinstance(values, str) or not isinstance(values, Sequence) or len(values) != 3:
+            raise KDResearchError(f"{key} must be 3 numbers (one per RGB channel), got {values!r}")
+        for index, value in enumerate(values):
+            validators.number(f"{key}[{index}]", value, **bound)
 
 
 def _limited(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int], what: str):
@@ -162,10 +162,7 @@ def in_memory_data(name, train, test, classes, limit_train, limit_test, mean, st
 
 def check_val_size(val_size, train_size: int) -> int:
     """`data.val_size`: 0 (no validation split) or fewer images than the training set holds."""
-    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < train_size:
-        raise KDResearchError(f"data.val_size must be an integer in [0, {train_size}) (the training images), "
-                              f"got {val_size!r}")
-    return val_size
+    return validators.integer("data.val_size", val_size, at_least=0, below=train_size, note="the training images")
 
 
 def stratified_holdout(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,17 @@ from typing import Optional, Sequence
 
 import torch
 
+from kdresearch.config import validators
 from kdresearch.data.splits import ImageData, check_num_classes, in_memory_data
+
+
+def check_sizes(num_train, num_test, num_classes) -> None:
+    """`data.num_train`, `data.num_test` and `data.num_classes`: at most one class per training
+    image (the class patterns take 19 KB each, so a typo such as num_classes=1000000 would fill the
+    memory before anything is reported)."""
+    validators.integer("data.num_train", num_train, at_least=1)
+    validators.integer("data.num_test", num_test, at_least=1)
+    check_num_classes(num_classes, at_most=num_train, note="data.num_train: one class per training image at most")
 
 
 def make_synthetic(num_train: int = 2000, num_test: int = 500, num_classes: int = 10,
@@ -22,7 +32,7 @@ def make_synthetic(num_train: int = 2000, num_test: int = 500, num_classes: int 
     noise of relative strength `noise`. The data's own `seed` keeps it identical across
     training seeds.
     """
-    check_num_classes(num_classes)
+    check_sizes(num_train, num_test, num_classes)
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes, 3, 8, 8, generator=generator)
     patterns = torch.nn.functional.interpolate(coarse, size=(40, 40), mode="bilinear", align_corners=False)

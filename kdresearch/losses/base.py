@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from kdresearch.config import validators
 from kdresearch.errors import KDResearchError
 from kdresearch.models import ModelOutputs, Network
 
@@ -42,17 +43,23 @@ class Progress:
 
 
 def number(name: str, value, *, positive: bool = False) -> float:
-    """Validate a user-typed loss hyperparameter (Hydra passes strings like 'abc' through)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise KDResearchError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise KDResearchError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise KDResearchError(f"{name} must be > 0, got {value:g}")
-    if not positive and value < 0:
-        raise KDResearchError(f"{name} must be >= 0, got {value:g}")
-    return value
+    """A user-typed loss hyperparameter: a finite number >= 0 (> 0 with `positive`)."""
+    return validators.number(name, value, above=0) if positive else validators.number(name, value, at_least=0)
+
+
+# Softened distributions softmax(z / T) reach their large-T limit (every distillation term then
+# matches centred logits) to within 0.1 % by T = 100, so a larger T changes nothing but float32
+# rounding, which grows with T^2: soft-target KD's term is off by 3 % at T = 1e4, noise of either
+# sign from 1e5, and exactly 0 from about 1e8, where softmax(z / T) is uniform to float precision
+# and the job silently trains on cross-entropy alone. Temperatures above this are refused.
+MAX_TEMPERATURE = 100
+
+
+def temperature(name: str, value) -> float:
+    """A user-typed distillation temperature: a number in (0, MAX_TEMPERATURE]."""
+    value = number(name, value, positive=True)
+    return validators.number(name, value, at_most=MAX_TEMPERATURE,
+                             note="beyond, the term is its large-T limit plus float32 rounding noise, 0 from about 1e8")
 
 
 def pair_error(loss_name: str, problem: str, student: Network, teacher: Network) -> KDResearchError:

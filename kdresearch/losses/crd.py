@@ -39,8 +39,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from kdresearch.config import validators
 from kdresearch.errors import KDResearchError
-from kdresearch.losses.base import Progress, TrainingLoss, number
+from kdresearch.losses.base import Progress, TrainingLoss, number, temperature
 from kdresearch.losses.kd import soft_target_kd
 from kdresearch.models import ModelOutputs
 
@@ -92,13 +93,6 @@ class Embed(nn.Module):
         return F.normalize(self.linear(x.flatten(1)), dim=1)
 
 
-def _count(name: str, value) -> int:
-    """A user-typed positive integer (Hydra passes strings and floats through)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise KDResearchError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -146,13 +140,11 @@ class ContrastiveRepresentationDistillation(TrainingLoss):
         self.ce_weight = number("loss.ce_weight", ce_weight)
         self.kd_weight = number("loss.kd_weight", kd_weight)
         self.distill_weight = number("loss.distill_weight", distill_weight)
-        self.T = number("loss.T", T, positive=True)
-        self.feat_dim = _count("loss.feat_dim", feat_dim)
-        self.nce_k = _count("loss.nce_k", nce_k)
+        self.T = temperature("loss.T", T)
+        self.feat_dim = validators.integer("loss.feat_dim", feat_dim, at_least=1)
+        self.nce_k = validators.integer("loss.nce_k", nce_k, at_least=1)
         self.nce_t = number("loss.nce_t", nce_t, positive=True)
-        self.nce_mom = number("loss.nce_mom", nce_mom)
-        if self.nce_mom > 1:
-            raise KDResearchError(f"loss.nce_mom must be in [0, 1], got {self.nce_mom:g}")
+        self.nce_mom = validators.number("loss.nce_mom", nce_mom, at_least=0, at_most=1)
         # The teacher's logits are read (and cached) only when the KD term is on.
         self.teacher_fields = ("embedding", "logits") if self.kd_weight > 0 else ("embedding",)
         self.train_size = 0

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from kdresearch.losses.base import TrainingLoss, number
+from kdresearch.losses.base import TrainingLoss, number, temperature
 
 PEARSON_EPS = 1e-8  # the official code's: keeps a constant row/column at correlation 0, not 0/0
 
@@ -63,7 +63,7 @@ class DIST(TrainingLoss):
 
     def __init__(self, T: float = 4.0, beta: float = 1.0, gamma: float = 1.0, ce_weight: float = 1.0):
         super().__init__()
-        self.T = number("loss.T", T, positive=True)
+        self.T = temperature("loss.T", T)
         self.beta = number("loss.beta", beta)
         self.gamma = number("loss.gamma", gamma)
         self.ce_weight = number("loss.ce_weight", ce_weight)

@@ -36,7 +36,7 @@ import torch
 from torch.nn import functional as F
 
 from kdresearch.errors import KDResearchError
-from kdresearch.losses.base import Progress, TrainingLoss, number
+from kdresearch.losses.base import Progress, TrainingLoss, number, temperature
 from kdresearch.losses.kd import flag, standardize_logits
 
 # What the target logit is replaced with before the non-target softmax. The paper's code subtracts
@@ -98,7 +98,7 @@ class DKD(TrainingLoss):
     def __init__(self, T: float = 4.0, alpha: float = 1.0, beta: float = 8.0, warmup: float = 20,
                  ce_weight: float = 1.0, standardize: bool = False):
         super().__init__()
-        self.T = number("loss.T", T, positive=True)
+        self.T = temperature("loss.T", T)
         self.alpha = number("loss.alpha", alpha)
         self.beta = number("loss.beta", beta)
         self.warmup = number("loss.warmup", warmup)

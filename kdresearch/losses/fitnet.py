@@ -18,6 +18,7 @@ from collections import OrderedDict
 from torch import nn
 from torch.nn import functional as F
 
+from kdresearch.config import validators
 from kdresearch.errors import KDResearchError
 from kdresearch.losses.base import WeightedDistillation, pair_error
 from kdresearch.models import stage_field
@@ -66,9 +67,7 @@ class FitNet(WeightedDistillation):
 
     def __init__(self, stage: int = 1, ce_weight: float = 1.0, distill_weight: float = 100.0):
         super().__init__(ce_weight, distill_weight)
-        if isinstance(stage, bool) or not isinstance(stage, int):
-            raise KDResearchError(f"loss.stage must be an integer (a stage index), got {stage!r}")
-        self.stage = stage
+        self.stage = validators.integer("loss.stage", stage, note="a stage index")
         self.student_stage = self.teacher_stage = None
         self.connector = None
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from kdresearch.errors import KDResearchError
-from kdresearch.losses.base import WeightedDistillation, number
+# `flag`: the losses' name for the true/false validator (the losses with `standardize` import it from here).
+from kdresearch.config.validators import switch as flag
+from kdresearch.losses.base import WeightedDistillation, temperature
 
 # The paper's code adds this to the standard deviation: a sample whose logits are all equal (std 0)
 # standardises to zeros instead of 0/0.
@@ -45,13 +46,6 @@ def standardize_logits(logits: torch.Tensor) -> torch.Tensor:
     mean = logits.mean(dim=-1, keepdim=True)
     std = logits.std(dim=-1, keepdim=True)  # unbiased (C - 1), as the paper's code
     return (logits - mean) / (std + STANDARDIZE_EPS)
-
-
-def flag(name: str, value) -> bool:
-    """Validate a user-typed true/false option (Hydra passes `loss.standardize=yes` as a string)."""
-    if not isinstance(value, bool):
-        raise KDResearchError(f"{name} must be true or false, got {value!r}")
-    return value
 
 
 def soft_target_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
@@ -71,7 +65,9 @@ class SoftTargetKD(WeightedDistillation):
 
     Defaults are the tutorial's (T 2, CE 0.75, KD 0.25); the CIFAR-100 benchmark recipe uses T 4,
     CE 0.1, KD 0.9. `standardize=True` z-scores both models' logits first (module docstring); the
-    CE term always sees the raw logits, as in the paper's code.
+    CE term always sees the raw logits, as in the paper's code. T lies in (0, 100]: beyond, the
+    term is its large-T limit plus rounding noise, and exactly 0 from about T = 1e8
+    (kdresearch.losses.base.MAX_TEMPERATURE).
     """
 
     teacher_fields = ("logits",)
@@ -80,7 +76,7 @@ class SoftTargetKD(WeightedDistillation):
     def __init__(self, T: float = 2.0, ce_weight: float = 0.75, distill_weight: float = 0.25,
                  standardize: bool = False):
         super().__init__(ce_weight, distill_weight)
-        self.T = number("T", T, positive=True)
+        self.T = temperature("T", T)
         self.standardize = flag("loss.standardize", standardize)
 
     def distillation_term(self, student, teacher, progress=None):

@@ -6,14 +6,18 @@ import contextlib
 import ctypes
 import logging
 import os
+from typing import Mapping
 
 import torch
 
+from kdresearch.config import validators
 from kdresearch.errors import KDResearchError
 
 log = logging.getLogger(__name__)
 
+DEVICE_TYPES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+SWITCHES = ("channels_last", "compile", "keep_freed_memory", "deterministic")  # the group's true/false keys
 
 # glibc's mallopt parameters (malloc.h) and the size under which freed memory stays in the heap.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -32,14 +36,19 @@ def resolve_device(kind: str) -> torch.device:
         raise KDResearchError("device=cuda but no CUDA device is available here; use device=auto or device=cpu")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise KDResearchError("device=mps but MPS is not available here; use device=auto or device=cpu")
-    if kind not in ("cuda", "mps"):
-        raise KDResearchError(f"device.type must be auto, cpu, cuda or mps, got {kind!r}")
-    return torch.device(kind)
+    return torch.device(validators.choice("device.type", kind, DEVICE_TYPES))
+
+
+def check_options(device: Mapping[str, object]) -> None:
+    """Every key of the `device` group, before anything starts."""
+    validators.choice("device.type", device["type"], DEVICE_TYPES)
+    check_precision(device["precision"])
+    for key in SWITCHES:
+        validators.switch(f"device.{key}", device[key])
 
 
 def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise KDResearchError(f"device.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    validators.choice("device.precision", precision, PRECISIONS)
 
 
 def autocast(device: torch.device, precision: str):

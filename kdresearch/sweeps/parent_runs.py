@@ -45,11 +45,26 @@ OPTUNA_RESULTS = "optimization_results.yaml"  # what hydra-optuna-sweeper writes
 
 def parent_run_id(sweep_dir: Optional[str] = None) -> Optional[str]:
     """The parent run a job belongs to: the one recorded in its sweep folder, else the inherited one."""
-    if sweep_dir:
-        path = Path(sweep_dir) / PARENT_FILE
-        if path.is_file():
-            return json.loads(path.read_text())["run_id"]
-    return os.environ.get(PARENT_ENV) or None
+    return (recorded_parent(Path(sweep_dir)) if sweep_dir else None) or os.environ.get(PARENT_ENV) or None
+
+
+def recorded_parent(folder: Path) -> Optional[str]:
+    """The parent run id that `folder`'s PARENT_FILE records (None without the file); a file that
+    is not such a record is refused in one line rather than replaced: it may be the only link from
+    the folder's jobs to their parent."""
+    path = folder / PARENT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise KDResearchError(f"{path} is not a parent-run record ({error}); fix it, or delete it to open a "
+                              f"new parent run for this sweep folder") from None
+    run_id = record.get("run_id") if isinstance(record, dict) else None
+    if not isinstance(run_id, str) or not run_id.strip():
+        raise KDResearchError(f"{path} is not a parent-run record (no \"run_id\" text); fix it, or delete it to "
+                              f"open a new parent run for this sweep folder")
+    return run_id
 
 
 def open_parent(tracker: Tracker, folder: Path, name: str, tags: Mapping[str, str],
@@ -58,11 +73,11 @@ def open_parent(tracker: Tracker, folder: Path, name: str, tags: Mapping[str, st
     run again) set RUNNING, else a new run. Its id is exported to the jobs; returns it."""
     record = folder / PARENT_FILE
     run_id = None
-    if record.is_file():
-        previous = json.loads(record.read_text())
-        found = tracker.find_runs(f"attributes.run_id = '{previous['run_id']}'")
+    previous = recorded_parent(folder)
+    if previous is not None:
+        found = tracker.find_runs(f"attributes.run_id = '{previous}'")
         if found:
-            run_id = tracker.resume_run(previous["run_id"]).run_id
+            run_id = tracker.resume_run(previous).run_id
             log.info("continuing parent MLflow run %s of %s", run_id, folder)
     if run_id is None:
         valid = {key: value for key, value in params.items() if recordable_key(key)}
@@ -158,10 +173,6 @@ class SweepParentRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(str(config.hydra.sweep.dir))
         overrides = list(config.hydra.overrides.task)
-        try:
-            self.tracker = Tracker(config.tracking.uri, config.tracking.experiment)
-        except KDResearchError as error:
-            raise SystemExit(f"error: {error}") from None
         params = override_params(overrides)
         search = OmegaConf.select(config, "hydra.sweeper.params")
         if search:
@@ -170,7 +181,11 @@ class SweepParentRun(Callback):
                 "sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).rsplit(".", 1)[-1],
                 "launcher": str(OmegaConf.select(config, "hydra.launcher._target_", default="")).rsplit(".", 1)[-1]}
         name = "sweep-" + "_".join(folder.parts[-2:])
-        self.run_id = open_parent(self.tracker, folder, name, tags, params)
+        try:  # an unusable store or a damaged parent record stops the sweep here, before any job
+            self.tracker = Tracker(config.tracking.uri, config.tracking.experiment)
+            self.run_id = open_parent(self.tracker, folder, name, tags, params)
+        except KDResearchError as error:
+            raise SystemExit(f"error: {error}") from None
         atexit.register(end_if_open, self.tracker, self.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -25,8 +25,10 @@ rebuilds its study from MLflow before it proposes anything (`ResumableOptunaSwee
   `<sweep folder>/<num>`), so no trial's folder is overwritten.
 
 Hydra instantiates sweepers only from the `hydra_plugins` package, so the sweeper class is
-registered there under `hydra_plugins.kdresearch_search` by the Hydra callback
-`RegisterResumableSweeper`, which kd_search.yaml lists (callbacks are built before the sweeper).
+registered there under `hydra_plugins.kdresearch_search` by the Hydra callback `SearchSetup`,
+which kd_search.yaml lists (callbacks are built before the sweeper). The same callback refuses, in
+one line and before any run exists, a search that cannot run or has nothing to search
+(`check_search`).
 """
 
 from __future__ import annotations
@@ -40,22 +42,26 @@ import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import optuna
 from hydra.core.plugins import Plugins
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra_plugins.hydra_optuna_sweeper._impl import (
     OptunaSweeperImpl,
+    create_optuna_distribution_from_config,
     create_params_from_overrides,
 )
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState, create_trial
 
+from kdresearch.config.validators import integer, number
+from kdresearch.errors import KDResearchError
 from kdresearch.training.result import objective
 
 log = logging.getLogger(__name__)
@@ -203,6 +209,46 @@ def next_job_number(sweep_dir: str, trials: Sequence[RecordedTrial]) -> int:
     return max(max(numbers, default=-1) + 1, len(trials))
 
 
+# --- the search space, and the searches that cannot run ------------------------------------------
+
+def search_space(params: Optional[Mapping], legacy_space: Optional[Mapping],
+                 arguments: Sequence[str]) -> tuple[dict, dict]:
+    """(search space, fixed overrides) as the plugin's sweep() works them out: the distributions of
+    `hydra.sweeper.params` and of the command line's sweep overrides (the deprecated
+    `hydra.sweeper.search_space` below them, used only without params), less every key that an
+    override fixes. A distribution Optuna refuses, such as a reversed interval, is one line naming
+    its override."""
+    space = {} if params is not None or legacy_space is None else {
+        str(key): create_optuna_distribution_from_config(value) for key, value in legacy_space.items()}
+    fixed = {}
+    for override in [f"{key}={value}" for key, value in (params or {}).items()] + list(arguments):
+        try:
+            distributions, values = create_params_from_overrides([override])
+        except (ValueError, HydraException) as error:
+            raise KDResearchError(f"search {override}: {str(error).strip().splitlines()[0]}") from None
+        space.update(distributions)
+        fixed.update(values)
+    for key in fixed:
+        space.pop(key, None)
+    return space, fixed
+
+
+def check_search(settings: DictConfig, arguments: Sequence[str]) -> None:
+    """Refuse, in one line, a search that cannot run or has nothing to search: n_trials or n_jobs
+    below 1 (Optuna would end with "No trials are completed yet"), a distribution Optuna refuses,
+    or a space of single values (n trials of one configuration)."""
+    integer("hydra.sweeper.n_trials", settings.n_trials, at_least=1)
+    integer("hydra.sweeper.n_jobs", settings.n_jobs, at_least=1)
+    number("hydra.sweeper.max_failure_rate", settings.max_failure_rate, at_least=0, at_most=1)
+    space, fixed = search_space(settings.params, settings.search_space, arguments)
+    if settings.custom_search_space is None and all(distribution.single() for distribution in space.values()):
+        pinned = [f"{key}={value}" for key, value in fixed.items() if key in (settings.params or {})]
+        raise KDResearchError(
+            "hydra/sweeper=kd_search has nothing to search: give an interval, range or choice of several "
+            "values in hydra.sweeper.params or on the command line, e.g. 'T=tag(log, interval(1, 8))'"
+            + (f" ({' '.join(pinned)} fixes what hydra.sweeper.params would search)" if pinned else ""))
+
+
 # --- the sweeper ---------------------------------------------------------------------------------
 
 class RebuiltStorage(InMemoryStorage):
@@ -296,14 +342,7 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
         super().sweep(arguments)
 
     def _search_space(self, arguments: list[str]) -> tuple[dict, dict]:
-        """The search space and the fixed overrides, worked out as the plugin's sweep() does."""
-        self._process_searchspace_config()
-        distributions, fixed = create_params_from_overrides(self._parse_sweeper_params_config() + list(arguments))
-        space = dict(self.search_space_distributions or {})
-        space.update(distributions)
-        for key in fixed:
-            space.pop(key, None)
-        return space, fixed
+        return search_space(self.params, self.search_space, arguments)
 
     def _recorded_trials(self, sweep_dir: str, distributions: dict, fixed: dict) -> list[RecordedTrial]:
         from kdresearch.tracking.store import Tracker
@@ -348,9 +387,18 @@ sys.modules.setdefault(PLUGIN_MODULE, types.ModuleType(PLUGIN_MODULE, "kdresearc
 sys.modules[PLUGIN_MODULE].ResumableOptunaSweeper = ResumableOptunaSweeper
 
 
-class RegisterResumableSweeper(Callback):
+class SearchSetup(Callback):
     """Hydra callback listed by kd_search.yaml: makes `ResumableOptunaSweeper` known to Hydra's
-    plugin registry before Hydra instantiates the sweeper (it does nothing else)."""
+    plugin registry before Hydra instantiates the sweeper, and refuses a search that cannot run
+    (`check_search`) at the start of the multirun. Callbacks of hydra/sweeper configs come before
+    conf/config.yaml's, so this runs before the sweep's parent run opens: a refused search leaves
+    no run behind."""
 
     def __init__(self) -> None:
         Plugins.instance().register(ResumableOptunaSweeper)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_search(config.hydra.sweeper, list(config.hydra.overrides.task))
+        except KDResearchError as error:
+            raise SystemExit(f"error: {error}") from None
