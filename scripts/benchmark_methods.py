@@ -1,12 +1,13 @@
 """Benchmark distillation methods on teacher/student pairs, over seeds, in the field's table layout.
 
-For every pair (an experiment preset in conf/experiment/) and seed it runs `python train.py` for
+For every pair (an experiment preset in conf/experiment/) and seed it runs a training job for
 the student alone (loss=ce) and for each method; each pair's teacher is trained once per seed (by
 the first job, with the preset's teacher recipe) and reused. It prints the table (rows: methods,
 columns: pairs; last-epoch test accuracy, and with data.val_size=N the test accuracy at the epoch
 chosen on validation; published figures and our difference beside them), writes benchmark.md in
-the output folder and logs it to an MLflow summary run. Every OVERRIDE goes to every job, after
-the preset, so it wins (a shorter schedule, other data, a tracking store).
+the output folder and logs it to the MLflow parent run whose children are the jobs' runs. Every
+OVERRIDE goes to every job, after the preset, so it wins (a shorter schedule, other data, a
+tracking store). The logic lives in kdresearch/pipelines/method_benchmark.py.
 
 Examples (from the project folder):
   python scripts/benchmark_methods.py --pairs cifar100_res32x4_res8x4 --methods kd dkd --seeds 42 43 44
@@ -47,8 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="folder of job outputs and benchmark.md, also the runs' sweep "
                                                  "tag (default: outputs/benchmark/<date>_<time>)")
     parser.add_argument("--published", type=Path, default=PUBLISHED,
-                        help="CSV of published figures (pair,method,top1,source); 'none' for none")
-    parser.add_argument("--dry-run", action="store_true", help="print the train.py commands and stop")
+                        help="CSV of published figures (pair,method,top1,source), checked before the first job; "
+                             "'none' for none")
+    parser.add_argument("--dry-run", action="store_true", help="print the training commands and stop")
     own, overrides = split_argv(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(own)
     if min(args.seeds) < 0 or len(set(args.seeds)) != len(args.seeds):
@@ -73,7 +75,8 @@ def main(argv=None) -> int:
     print(f"\n=== Distillation benchmark ({result.group})\n")
     print(result.table.markdown())
     print(FOOTNOTE)
-    print(f"wrote {result.markdown_path}; MLflow summary run {result.summary_run_id} (tag role=summary)")
+    print(f"wrote {result.markdown_path}; MLflow parent run {result.parent_run_id} holds the jobs' runs and the "
+          f"table (tag role=benchmark)")
     return 0
 
 

@@ -1,9 +1,10 @@
 """Reproduce the PyTorch knowledge-distillation tutorial's five runs and print their comparison.
 
-Runs `python train.py` five times per seed -- the teacher (model=deep), then the students
-loss=ce, loss=kd T=2, loss=cosine and loss=regressor, which reuse that teacher -- then compares
-the runs (kdresearch/compare.py): table on the console, comparison.md/.csv/.png in the output
-folder, and the same files as artifacts of the MLflow parent run whose children are the jobs' runs.
+Runs five training jobs per seed -- the teacher (model=deep), then the students loss=ce,
+loss=kd T=2, loss=cosine and loss=regressor, which reuse that teacher -- then compares the runs:
+table on the console, comparison.md/.csv/.png in the output folder, and the same files as
+artifacts of the MLflow parent run whose children are the jobs' runs. The logic lives in
+kdresearch/pipelines/reproduce.py.
 
 Examples (from the project folder):
   python scripts/reproduce_tutorial.py                                   # CIFAR-10, 10 epochs
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                  "the runs' sweep tag (default: outputs/reproduce/<date>_<time>)")
     parser.add_argument("--no-log", action="store_true",
                         help="no MLflow parent run: the jobs' runs stand alone and the comparison is only written to files")
-    parser.add_argument("--dry-run", action="store_true", help="print the train.py commands and stop")
+    parser.add_argument("--dry-run", action="store_true", help="print the training commands and stop")
     args = parser.parse_intermixed_args(_join_seeds(list(sys.argv[1:] if argv is None else argv)))
 
     overrides = []

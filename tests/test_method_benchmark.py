@@ -12,6 +12,8 @@ from hydra import compose, initialize_config_dir
 
 import kdresearch.pipelines.method_benchmark as method_benchmark
 from kdresearch.errors import KDResearchError
+from kdresearch.layout import train_command
+from kdresearch.pipelines import jobs as jobs_module
 from kdresearch.tracking.store import metric_history
 from kdresearch.training.job import run_job
 
@@ -24,9 +26,9 @@ def test_plan_orders_student_alone_then_methods_per_seed():
     jobs = method_benchmark.plan([PAIR], ["kd", "kd loss.standardize=true"], [1, 2], ["epochs=3"], "out/b")
     assert [(job.label, job.seed) for job in jobs] == [
         (f"{PAIR}|{method}", seed) for seed in (1, 2) for method in ("ce", "kd", "kd loss.standardize=true")]
-    command = jobs[2].command
-    assert command[2:5] == [f"experiment={PAIR}", "loss=kd", "loss.standardize=true"]
-    assert command[-1] == "epochs=3"  # user overrides last: they win over the preset
+    overrides = jobs[2].overrides
+    assert overrides[:3] == [f"experiment={PAIR}", "loss=kd", "loss.standardize=true"]
+    assert overrides[-1] == "epochs=3"  # user overrides last: they win over the preset
     with pytest.raises(KDResearchError, match="not an experiment preset"):
         method_benchmark.plan(["nope"], ["kd"], [1], [], "out")
 
@@ -35,14 +37,16 @@ def test_plan_orders_student_alone_then_methods_per_seed():
 def test_benchmark_table_holds_mlflow_numbers(tmp_path, monkeypatch):
     overrides = [*TINY, f"tracking.uri={tracking_uri(tmp_path)}", f"cache.dir={tmp_path / 'cache'}"]
 
-    def run_in_process(job, index, total):
-        job_overrides = [item for item in job.command[2:] if not item.startswith("hydra.")]
+    def train_in_process(command):
+        """The job's command trained in this process, in its job folder; its runs are then found by that folder."""
+        overrides = command[len(train_command()):]
+        folder = next(item.partition("=")[2] for item in overrides if item.startswith("hydra.run.dir="))
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=job_overrides)
-        job.run_ids.append(run_job(cfg, tmp_path / f"{index}").run_id)
-        return job.run_ids
+            cfg = compose("config", overrides=[item for item in overrides if not item.startswith("hydra.")])
+        run_job(cfg, Path(folder))
+        return 0
 
-    monkeypatch.setattr(method_benchmark, "run_job", run_in_process)
+    monkeypatch.setattr(jobs_module, "run_to_end", train_in_process)
     result = method_benchmark.benchmark([PAIR], ["kd", "dkd"], [1, 2], overrides, out=tmp_path / "bench")
     client = mlflow_client(tmp_path)
     table = result.table
@@ -68,4 +72,12 @@ def test_benchmark_table_holds_mlflow_numbers(tmp_path, monkeypatch):
     assert kd.published == 70.66 and kd.source == "repdistiller"
     assert f"pub. 70.66, {kd.last.mean - 70.66:+.2f}" in table.markdown()
     assert Path(result.markdown_path).read_text().count(f"| {PAIR} |") == 1
-    assert client.get_run(result.summary_run_id).data.tags["role"] == "summary"
+    # One parent run holds the benchmark: every run of its jobs (automatic teachers included) is
+    # its child, and it holds the table.
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["role"] == "benchmark" and parent.info.status == "FINISHED"
+    children = {run.info.run_id for run in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert children == {run_id for job in result.jobs for run_id in job.run_ids}
+    assert [Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "benchmark")] == ["benchmark.md"]
+    assert f"| {PAIR} |" in parent.data.tags["mlflow.note.content"]

@@ -13,13 +13,10 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from kdresearch.errors import KDResearchError
-from kdresearch.pipelines import reproduce as reproduce_module
-from kdresearch.pipelines.reproduce import (
-    TUTORIAL_JOBS,
-    override_value,
-    plan,
-    reproduce,
-)
+from kdresearch.layout import train_command
+from kdresearch.pipelines import jobs as jobs_module
+from kdresearch.pipelines.jobs import override_value
+from kdresearch.pipelines.reproduce import TUTORIAL_JOBS, plan, reproduce
 from kdresearch.reports.compare import select_runs
 from kdresearch.tracking.store import Tracker
 from kdresearch.training.job import run_job
@@ -38,12 +35,13 @@ def test_plan_runs_teacher_first_then_four_students_per_seed():
     assert [(job.label, job.seed) for job in jobs] == [
         (job.label, seed) for seed in (42, 43) for job in TUTORIAL_JOBS
     ]
-    teacher, kd = jobs[0].command, jobs[2].command
-    assert teacher[1].endswith("train.py") and "model=deep" in teacher and "seed=42" in teacher
-    assert kd[2:4] == ["loss=kd", "T=2"]
+    teacher, kd = jobs[0], jobs[2]
+    assert teacher.command[:3] == train_command() and teacher.command[3:] == teacher.overrides
+    assert "model=deep" in teacher.overrides and "seed=42" in teacher.overrides
+    assert kd.overrides[:2] == ["loss=kd", "T=2"]
     # User overrides come last (Hydra: the last value wins), progress bars off unless asked for.
-    assert kd[-3:] == ["quiet=true", "epochs=1", "data=synthetic"]
-    assert "hydra.run.dir=out/repro/student-kd-seed42" in kd
+    assert kd.overrides[-3:] == ["quiet=true", "epochs=1", "data=synthetic"]
+    assert "hydra.run.dir=out/repro/student-kd-seed42" in kd.overrides and kd.folder == "out/repro/student-kd-seed42"
     assert "quiet=true" not in plan(["quiet=false"])[0].command
     assert [job.label for job in plan([], reuse_teacher=True)] == [job.label for job in TUTORIAL_JOBS[1:]]
     with pytest.raises(KDResearchError, match="not both"):
@@ -76,14 +74,17 @@ def test_reproduce_tags_and_compares_its_runs(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = SMALL + [f"tracking.uri={uri}", f"cache.dir={tmp_path / 'cache'}"]
 
-    def run_in_process(job, index, total):
-        job_overrides = [item for item in job.command[2:] if not item.startswith("hydra.")]
+    def train_in_process(command):
+        """The job's command trained in this process, in its job folder; its runs are then found by that folder."""
+        overrides = command[len(train_command()):]
+        folder = next(item.partition("=")[2] for item in overrides if item.startswith("hydra.run.dir="))
+        job_overrides = [item for item in overrides if not item.startswith("hydra.")]
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
             cfg = compose("config", overrides=job_overrides)
-        job.run_ids.append(run_job(cfg, tmp_path / job.label, overrides=tuple(job_overrides)).run_id)
-        return job.run_ids
+        run_job(cfg, Path(folder), overrides=tuple(job_overrides))
+        return 0
 
-    monkeypatch.setattr(reproduce_module, "run_job", run_in_process)
+    monkeypatch.setattr(jobs_module, "run_to_end", train_in_process)
     out = tmp_path / "repro"
     result = reproduce(overrides, out=out)
     assert result.warnings == []

@@ -1,1 +1,1 @@
-"""Multi-job pipelines: reproducing the tutorial, the method benchmark."""
+"""Multi-job pipelines: reproducing the tutorial, the method benchmark, the speed benchmarks."""

@@ -1,5 +1,5 @@
 """The field's benchmark table: for teacher/student pairs (experiment presets), the student alone
-and each distillation method, over seeds, as `python train.py` jobs.
+and each distillation method, over seeds, as training jobs (kdresearch.pipelines.jobs).
 
 Per pair and seed: `loss=ce` (the student alone), then every method (`loss=kd`, `loss=dkd`,
 `kd loss.standardize=true`, ...). The first job of a seed trains the pair's teacher with the
@@ -8,25 +8,33 @@ so each teacher is trained once per seed. The table has the field's layout: rows
 columns are pairs, cells are mean ± std over seeds of the last-epoch test accuracy and of the
 test accuracy at the epoch chosen on validation (with `data.val_size=N`), and, from a small
 cited file of published figures (kdresearch/pipelines/published_cifar100.csv), the published value and our
-difference to it. Runs are tagged `sweep=<the benchmark's folder>` and the table is logged as an
-artifact of a summary run (tag role=summary).
+difference to it. The file of published figures is read and checked before the first job. The
+jobs' runs are tagged `sweep=<the benchmark's folder>` and are the child runs of one parent run
+(kdresearch.sweeps.parent_runs, tag role=benchmark) that holds the table (artifact
+benchmark/benchmark.md, and its description in the MLflow UI).
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 from kdresearch.errors import KDResearchError
-from kdresearch.layout import CONF_DIR, train_command
-from kdresearch.pipelines.reproduce import PlannedJob, override_value, run_job
-from kdresearch.reports.compare import SUMMARY_ROLE, Stat
-from kdresearch.tracking.run import TrackedRun
-from kdresearch.tracking.store import Tracker, metric_history
+from kdresearch.layout import CONF_DIR
+from kdresearch.pipelines.jobs import PlannedJob, run_jobs, tracker_for
+from kdresearch.reports.compare import Stat
+from kdresearch.sweeps.parent_runs import (
+    GroupSummary,
+    close_parent,
+    ended_on_error,
+    open_parent,
+    override_params,
+)
+from kdresearch.tracking import names
+from kdresearch.tracking.store import metric_history
 
 PUBLISHED = Path(__file__).with_name("published_cifar100.csv")
 STUDENT_ALONE = "ce"
@@ -41,7 +49,7 @@ def method_overrides(method: str) -> list[str]:
 
 def plan(pairs: Sequence[str], methods: Sequence[str], seeds: Sequence[int], overrides: Sequence[str],
          group: str) -> list[PlannedJob]:
-    """The train.py commands, in order: per pair and seed, the student alone, then each method."""
+    """The jobs, in order: per pair and seed, the student alone, then each method."""
     if not pairs:
         raise KDResearchError("give at least one pair (an experiment preset such as cifar100_res56_res20)")
     for pair in pairs:
@@ -52,10 +60,9 @@ def plan(pairs: Sequence[str], methods: Sequence[str], seeds: Sequence[int], ove
         for seed in seeds:
             for method in [STUDENT_ALONE, *[m for m in methods if m != STUDENT_ALONE]]:
                 folder = f"{group}/{pair}/{method.replace(' ', '_').replace('=', '-')}-seed{seed}"
-                command = [*train_command(), f"experiment={pair}",
-                           *method_overrides(method), f"seed={seed}", "quiet=true", f"hydra.run.dir={folder}",
-                           *overrides]
-                jobs.append(PlannedJob(f"{pair}|{method}", seed, command))
+                job_overrides = [f"experiment={pair}", *method_overrides(method), f"seed={seed}", "quiet=true",
+                                 f"hydra.run.dir={folder}", *overrides]
+                jobs.append(PlannedJob(f"{pair}|{method}", seed, folder, job_overrides))
     return jobs
 
 
@@ -90,13 +97,41 @@ class Table:
         return "\n".join(lines) + "\n"
 
 
+PUBLISHED_COLUMNS = ("pair", "method", "top1", "source")
+
+
 def read_published(path: Path = PUBLISHED) -> dict[tuple[str, str], tuple[float, str]]:
-    """{(method, pair): (top-1 %, source)} from the cited CSV (lines starting with # are comments)."""
+    """{(method, pair): (top-1 %, source)} from the cited CSV (lines starting with # are comments).
+    A file that is missing, unreadable, lacks a column or holds a row that does not fit is refused
+    in one line naming the file and the line."""
+    where = f"published figures {path}"
     if not path.is_file():
-        return {}
-    with path.open() as handle:
-        rows = csv.DictReader(line for line in handle if not line.startswith("#"))
-        return {(row["method"], row["pair"]): (float(row["top1"]), row["source"]) for row in rows}
+        raise KDResearchError(f"{where}: {'is not a file' if path.exists() else 'no such file'}")
+    try:
+        with path.open(newline="") as handle:
+            rows = [(number, next(csv.reader([line]))) for number, line in enumerate(handle, start=1)
+                    if line.strip() and not line.startswith("#")]
+    except (OSError, UnicodeDecodeError) as error:
+        raise KDResearchError(f"{where}: cannot be read as a text file ({error})") from None
+    except csv.Error as error:
+        raise KDResearchError(f"{where}: not a valid CSV file ({error})") from None
+    if not rows:
+        raise KDResearchError(f"{where}: no header line (it needs the columns {', '.join(PUBLISHED_COLUMNS)})")
+    header = [name.strip() for name in rows[0][1]]
+    missing = [column for column in PUBLISHED_COLUMNS if column not in header]
+    if missing:
+        raise KDResearchError(f"{where}: its header line has no column {', '.join(missing)} "
+                              f"(it needs {', '.join(PUBLISHED_COLUMNS)})")
+    figures = {}
+    for number, fields in rows[1:]:
+        if len(fields) < len(header):
+            raise KDResearchError(f"{where}: line {number} has {len(fields)} fields, the header {len(header)}")
+        row = dict(zip(header, fields))
+        try:
+            figures[(row["method"], row["pair"])] = (float(row["top1"]), row["source"])
+        except ValueError:
+            raise KDResearchError(f"{where}: line {number}: top1 {row['top1']!r} is not a number") from None
+    return figures
 
 
 def _accuracies(client, run_id: str) -> tuple[Optional[float], Optional[float]]:
@@ -116,8 +151,8 @@ def build_table(client, jobs: Sequence[PlannedJob], pairs: Sequence[str], method
         pair, method = job.label.split("|", 1)
         run = client.get_run(job.run_ids[-1])
         values.setdefault((method, pair), []).append(_accuracies(client, run.info.run_id))
-        if "teacher_run_id" in run.data.tags:
-            teachers[(pair, job.seed)] = run.data.tags["teacher_run_id"]
+        if names.TEACHER_RUN_ID in run.data.tags:
+            teachers[(pair, job.seed)] = run.data.tags[names.TEACHER_RUN_ID]
     for (pair, _), teacher_run_id in teachers.items():
         values.setdefault((TEACHER, pair), []).append(_accuracies(client, teacher_run_id))
     table = Table(list(pairs), rows)
@@ -134,39 +169,42 @@ class Benchmark:
     jobs: list[PlannedJob]
     table: Optional[Table]
     markdown_path: Optional[Path] = None
-    summary_run_id: Optional[str] = None
+    parent_run_id: Optional[str] = None  # its jobs' runs are the children of this run, which holds the table
 
 
 FOOTNOTE = ("Cells: last-epoch test accuracy (%), mean ± sample std over seeds; after ' / ': the test accuracy of "
             "the epoch chosen on validation (data.val_size > 0); pub.: the published figure (240-epoch CIFAR-100 "
             "recipe; sources in kdresearch/pipelines/published_cifar100.csv) and our difference to it. Teacher row: the teachers "
             "the students used, one per seed.")
+ARTIFACT_DIR = "benchmark"  # the parent run's artifact folder of benchmark.md
 
 
 def benchmark(pairs: Sequence[str], methods: Sequence[str], seeds: Sequence[int], overrides: Sequence[str],
               out: Optional[Path] = None, published_path: Optional[Path] = PUBLISHED,
               dry_run: bool = False) -> Benchmark:
+    """Run the jobs of `plan` as children of one parent run, then build the table from what
+    MLflow holds, write it to <group>/benchmark.md and log it to the parent. `published_path`
+    None: no published figures."""
     stamp = f"{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
     group = str(out) if out is not None else f"outputs/benchmark/{stamp}"
     jobs = plan(pairs, methods, seeds, overrides, group)
+    published = read_published(published_path) if published_path else {}
     if dry_run:
         for job in jobs:
-            print(shlex.join(["python", *job.command[1:]]))
+            print(job.shell_line)
         return Benchmark(group, jobs, None)
-    tracker = Tracker(override_value(overrides, "tracking.uri"),
-                      override_value(overrides, "tracking.experiment") or "kdresearch")
-    for index, job in enumerate(jobs, start=1):
-        for run_id in run_job(job, index, len(jobs)):
-            TrackedRun(tracker, run_id).set_tags({"sweep": group})
-    published = read_published(published_path) if published_path else {}
-    table = build_table(tracker.client, jobs, pairs, methods, published)
+    tracker = tracker_for(overrides)
     folder = Path(group)
-    folder.mkdir(parents=True, exist_ok=True)
-    markdown = folder / "benchmark.md"
-    markdown.write_text(f"# Distillation benchmark ({group})\n\n{table.markdown()}\n{FOOTNOTE}\n")
-    summary = tracker.start_run(f"benchmark-{stamp}", {"role": SUMMARY_ROLE, "sweep": group},
-                                {"pairs": " ".join(pairs), "methods": ", ".join(methods),
-                                 "seeds": " ".join(map(str, seeds)), "overrides": " ".join(overrides)})
-    with summary:
-        summary.log_file(markdown, "benchmark")
-    return Benchmark(group, jobs, table, markdown, summary.run_id)
+    parent = open_parent(tracker, folder, f"benchmark-{stamp}",
+                         {names.ROLE: names.BENCHMARK_ROLE, names.SWEEP_DIR: group,
+                          names.OVERRIDES: " ".join(overrides)},
+                         {**override_params(overrides), "pairs": " ".join(pairs), "methods": ", ".join(methods),
+                          "seeds": " ".join(map(str, seeds))})
+    with ended_on_error(tracker, parent):
+        run_jobs(jobs, tracker, group)
+        table = build_table(tracker.client, jobs, pairs, methods, published)
+        markdown = folder / "benchmark.md"
+        markdown.write_text(f"# Distillation benchmark ({group})\n\n{table.markdown()}\n{FOOTNOTE}\n")
+    close_parent(tracker, parent, folder, f"benchmark-{stamp}",
+                 summary=GroupSummary((markdown,), ARTIFACT_DIR, f"{table.markdown()}\n{FOOTNOTE}"))
+    return Benchmark(group, jobs, table, markdown, parent)

@@ -1,5 +1,5 @@
-"""Reproduce the PyTorch knowledge-distillation tutorial: its five runs as `python train.py` jobs,
-then their comparison table (kdresearch.compare).
+"""Reproduce the PyTorch knowledge-distillation tutorial: its five runs as training jobs, then their
+comparison table (kdresearch.reports.compare).
 
 Per seed: the teacher first (`model=deep`), then the students `loss=ce`, `loss=kd T=2`,
 `loss=cosine`, `loss=regressor`. The tutorial's other hyperparameters are conf/config.yaml's
@@ -7,35 +7,32 @@ defaults (Adam lr 1e-3, 10 epochs, batch 128, weights 0.75/0.25, seed 42). The s
 teacher through the automatic teacher reuse (same training config hash), so it is trained once
 per seed. Extra Hydra overrides go to every job, after the job's own, so they win.
 
-The runs are identified by the run ids their jobs print ("MLflow run <id> ..."), compared by id,
-and tagged afterwards with `sweep=<the reproduction's folder>` so that
-`scripts/compare.py --sweep <folder>` selects exactly this reproduction again. They are the child
-runs of one parent run (kdresearch.parent_runs, role=reproduction) that holds the comparison.
+Each job runs as its own process (kdresearch.pipelines.jobs); its runs are read back from MLflow
+by its job folder, compared by id, and tagged afterwards with `sweep=<the reproduction's folder>`
+so that `scripts/compare.py --sweep <folder>` selects exactly this reproduction again. They are
+the child runs of one parent run (kdresearch.sweeps.parent_runs, role=reproduction) that holds
+the comparison.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
-import re
 import shlex
-import subprocess
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from kdresearch.errors import KDResearchError
-from kdresearch.layout import train_command
+from kdresearch.pipelines.jobs import PlannedJob, override_value, run_jobs, tracker_for
 from kdresearch.reports.compare import Comparison, compare
 from kdresearch.sweeps.parent_runs import (
+    GroupSummary,
     close_parent,
-    end_if_open,
+    ended_on_error,
     open_parent,
     override_params,
 )
-from kdresearch.tracking.run import TrackedRun
-from kdresearch.tracking.store import Tracker
+from kdresearch.tracking import names
 
 
 @dataclass(frozen=True)
@@ -57,34 +54,11 @@ TUTORIAL_JOBS = (
 TUTORIAL_TEACHER_RECIPE = ("teacher.epochs=${epochs}", "teacher.batch_size=${batch_size}",
                            "teacher.optimizer=${optimizer}", "teacher.scheduler=${scheduler}",
                            "teacher.augment=${data.augment}")
-RUN_LINE = re.compile(r"MLflow run ([0-9a-f]{32})\b")
-
-
-@dataclass
-class PlannedJob:
-    label: str
-    seed: Optional[int]
-    command: list[str]
-    run_ids: list[str] = field(default_factory=list)  # filled when it ran; the job's own run is last
-
-    @property
-    def title(self) -> str:
-        return self.label + ("" if self.seed is None else f" (seed {self.seed})")
-
-
-def override_value(overrides: Sequence[str], key: str) -> Optional[str]:
-    """The value the last `key=value` override gives (Hydra's rule), None for none or null."""
-    value = None
-    for item in overrides:
-        name, sep, text = item.lstrip("+").partition("=")
-        if sep and name == key:
-            value = text.strip().strip("'\"")
-    return None if value in (None, "", "null", "None") else value
 
 
 def plan(overrides: Sequence[str], seeds: Sequence[int] = (), group: str = "outputs/reproduce",
          reuse_teacher: bool = False) -> list[PlannedJob]:
-    """The train.py commands of one reproduction, in order. `seeds` empty: the config's seed."""
+    """The jobs of one reproduction, in order. `seeds` empty: the config's seed."""
     if seeds and override_value(overrides, "seed") is not None:
         raise KDResearchError("give the seeds either as seeds/--seeds or as seed=..., not both")
     extra = list(overrides)
@@ -96,33 +70,10 @@ def plan(overrides: Sequence[str], seeds: Sequence[int] = (), group: str = "outp
             if reuse_teacher and job.label == "teacher":
                 continue
             folder = f"{group}/{job.label}" + ("" if seed is None else f"-seed{seed}")
-            command = [*train_command(), *job.overrides,
-                       *([] if seed is None else [f"seed={seed}"]), f"hydra.run.dir={folder}",
-                       *TUTORIAL_TEACHER_RECIPE, *extra]
-            jobs.append(PlannedJob(job.label, seed, command))
+            job_overrides = [*job.overrides, *([] if seed is None else [f"seed={seed}"]), f"hydra.run.dir={folder}",
+                             *TUTORIAL_TEACHER_RECIPE, *extra]
+            jobs.append(PlannedJob(job.label, seed, folder, job_overrides))
     return jobs
-
-
-def run_job(job: PlannedJob, index: int, total: int) -> list[str]:
-    """Run one job, echoing its output; return the MLflow run ids it created (its own last)."""
-    print(f"\n=== [{index}/{total}] {job.title}: {shlex.join(['python', *job.command[1:]])}", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(job.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               bufsize=1, env=env)
-    try:
-        for line in process.stdout:
-            sys.stdout.write(line)
-            job.run_ids.extend(RUN_LINE.findall(line))
-        code = process.wait()
-    except KeyboardInterrupt:
-        process.wait()  # the job got the Ctrl-C too and marks its run KILLED
-        raise
-    sys.stdout.flush()
-    if code != 0:
-        raise KDResearchError(f"job {job.title} failed (exit code {code}); command: {shlex.join(job.command)}")
-    if not job.run_ids:
-        raise KDResearchError(f"job {job.title} printed no 'MLflow run <id>' line; cannot find its run")
-    return job.run_ids
 
 
 @dataclass
@@ -144,46 +95,36 @@ def reproduce(overrides: Sequence[str], seeds: Sequence[int] = (), out: Optional
     jobs = plan(overrides, seeds, group, reuse_teacher)
     if dry_run:
         for job in jobs:
-            print(shlex.join(["python", *job.command[1:]]))
+            print(job.shell_line)
         return Reproduction(group, jobs, [], None, [])
 
-    tracker = Tracker(override_value(overrides, "tracking.uri"),
-                      override_value(overrides, "tracking.experiment") or "kdresearch")
+    tracker = tracker_for(overrides)
     parent = None
     if log_summary:
         parent = open_parent(tracker, Path(group), f"reproduce-{stamp}",
-                             {"role": "reproduction", "sweep_dir": group, "overrides": " ".join(overrides)},
+                             {names.ROLE: names.REPRODUCTION_ROLE, names.SWEEP_DIR: group,
+                              names.OVERRIDES: " ".join(overrides)},
                              {**override_params(overrides), "seeds": " ".join(map(str, seeds))})
-    created: list[str] = []
-    try:
-        for index, job in enumerate(jobs, start=1):
-            new = [run_id for run_id in run_job(job, index, len(jobs)) if run_id not in created]
-            for run_id in new:
-                TrackedRun(tracker, run_id).set_tags({"sweep": group})
-            created += new
-    except BaseException:
-        if parent:
-            end_if_open(tracker, parent)
-        raise
+    with ended_on_error(tracker, parent):
+        compared = run_jobs(jobs, tracker, group)
+        warnings = []
+        by_seed: dict[Optional[int], str] = {job.seed: job.run_ids[-1] for job in jobs if job.label == "teacher"}
+        for job in jobs:
+            if job.label == "teacher" or job.label == "student-ce":
+                continue
+            used = tracker.client.get_run(job.run_ids[-1]).data.tags.get(names.TEACHER_RUN_ID)
+            expected = by_seed.get(job.seed)
+            if expected is None and used:
+                by_seed[job.seed] = expected = used  # --reuse-teacher: the teacher the students found
+                if used not in compared:
+                    compared.insert(0, used)
+            if used != expected:
+                warnings.append(f"{job.title} used teacher run {used}, not this reproduction's {expected}")
 
-    warnings, compared = [], list(created)
-    by_seed: dict[Optional[int], str] = {job.seed: job.run_ids[-1] for job in jobs if job.label == "teacher"}
-    for job in jobs:
-        if job.label == "teacher" or job.label == "student-ce":
-            continue
-        used = tracker.client.get_run(job.run_ids[-1]).data.tags.get("teacher_run_id")
-        expected = by_seed.get(job.seed)
-        if expected is None and used:
-            by_seed[job.seed] = expected = used  # --reuse-teacher: the teacher the students found
-            if used not in compared:
-                compared.insert(0, used)
-        if used != expected:
-            warnings.append(f"{job.title} used teacher run {used}, not this reproduction's {expected}")
-
-    comparison = compare(tracker, [tracker.client.get_run(run_id) for run_id in compared],
-                         Path(group) / "comparison", name=f"comparison-reproduce-{stamp}", log_summary=False)
+        comparison = compare(tracker, [tracker.client.get_run(run_id) for run_id in compared],
+                             Path(group) / "comparison", name=f"comparison-reproduce-{stamp}", log_summary=False)
     if parent:
-        close_parent(tracker, parent, Path(group), comparison.name, comparison=comparison)
+        close_parent(tracker, parent, Path(group), comparison.name, summary=GroupSummary.of_comparison(comparison))
         comparison.summary_run_id = parent
     again = ["python", "scripts/compare.py", "--sweep", group]
     if override_value(overrides, "tracking.uri"):

@@ -6,7 +6,8 @@ The parent is opened before the first job and closed after the last:
 - for a Hydra multirun, by Hydra's callback mechanism (`SweepParentRun`, registered under
   `hydra.callbacks` in conf/config.yaml): Hydra calls it in the launching process around the
   sweeper, whatever the launcher (basic, joblib's parallel, submitit), so no launcher is special-cased;
-- for `scripts/reproduce_tutorial.py`, by `kdresearch.reproduce`.
+- for `scripts/reproduce_tutorial.py` and `scripts/benchmark_methods.py`, by their pipelines
+  (kdresearch.pipelines.reproduce, kdresearch.pipelines.method_benchmark).
 
 Jobs find their parent without any launcher's help: the parent's id is written to
 `<sweep folder>/mlflow_parent_run.json` (read by jobs of a Hydra sweep, on any machine that sees
@@ -15,8 +16,9 @@ of a reproduction and the teacher a job trains for itself). Running a sweep agai
 folder (`hydra.sweep.dir=<old folder>`) reopens the same parent.
 
 The parent records the sweep's overrides (param `overrides` and one `sweep.<key>` param per
-override, the search space `search.<key>` for an Optuna search), the comparison table (its
-description and artifacts comparison/comparison.md, .csv, .png), an Optuna search's best value
+override, the search space `search.<key>` for an Optuna search), its group's summary (the
+comparison table of its children as description and artifacts comparison/comparison.md, .csv,
+.png, or the table a pipeline gives, e.g. the method benchmark's), an Optuna search's best value
 and parameters (metric `best_value`, tags `best.<key>`), and its status: FINISHED only when the
 latest run of every configuration in it FINISHED, else FAILED (KILLED when a job was stopped).
 """
@@ -24,11 +26,13 @@ latest run of every configuration in it FINISHED, else FAILED (KILLED when a job
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -107,12 +111,31 @@ def latest_per_configuration(runs: Sequence) -> list:
     return latest
 
 
+@dataclass(frozen=True)
+class GroupSummary:
+    """What a parent run shows of its group: `files`, logged as artifacts under `artifact_dir`, and
+    `note`, its description in the MLflow UI."""
+
+    files: tuple[Path, ...]
+    artifact_dir: str
+    note: str
+
+    @classmethod
+    def of_comparison(cls, comparison) -> "GroupSummary":
+        """A kdresearch.reports.compare.Comparison: its table, footnote and files."""
+        from kdresearch.reports.compare import ARTIFACT_DIR
+
+        return cls((comparison.markdown, comparison.csv, comparison.figure), ARTIFACT_DIR,
+                   f"{comparison.table}\n{comparison.footnote}")
+
+
 def close_parent(tracker: Tracker, run_id: str, folder: Path, title: str,
                  extra_tags: Optional[Mapping[str, object]] = None,
-                 extra_metrics: Optional[Mapping[str, float]] = None, comparison=None) -> str:
-    """Log the comparison of the parent's children (or the given `comparison`, a
-    kdresearch.compare.Comparison) and end the parent with the status the children earn."""
-    from kdresearch.reports.compare import ARTIFACT_DIR, compare
+                 extra_metrics: Optional[Mapping[str, float]] = None,
+                 summary: Optional[GroupSummary] = None) -> str:
+    """Log the group's `summary` (by default the comparison of the parent's finished children,
+    titled `title`) and end the parent with the status the children earn."""
+    from kdresearch.reports.compare import compare
     from kdresearch.tracking.run import TrackedRun
 
     parent = TrackedRun(tracker, run_id)
@@ -126,14 +149,13 @@ def close_parent(tracker: Tracker, run_id: str, folder: Path, title: str,
             parent.set_tags(extra_tags)
         if extra_metrics:
             parent.log_metrics(extra_metrics, step=0)
-        if comparison is None and finished:
-            comparison = compare(tracker, finished, folder / "comparison", name=title, log_summary=False)
-        if comparison is not None:
-            result = comparison
-            for path in (result.markdown, result.csv, result.figure):
-                parent.log_file(path, ARTIFACT_DIR)
-            parent.set_tags({"mlflow.note.content": f"{result.table}\n{result.footnote}",
-                             "child_runs": str(len(latest))})
+        if summary is None and finished:
+            summary = GroupSummary.of_comparison(
+                compare(tracker, finished, folder / "comparison", name=title, log_summary=False))
+        if summary is not None:
+            for path in summary.files:
+                parent.log_file(path, summary.artifact_dir)
+            parent.set_tags({"mlflow.note.content": summary.note, "child_runs": str(len(latest))})
     parent.end(status)
     os.environ.pop(PARENT_ENV, None)
     log.info("parent MLflow run %s %s: %d of %d configurations finished", run_id, status, len(finished), len(latest))
@@ -142,6 +164,8 @@ def close_parent(tracker: Tracker, run_id: str, folder: Path, title: str,
 
 def end_if_open(tracker: Tracker, run_id: str) -> None:
     """At exit of a launcher stopped by a failed job or a signal: the parent must not stay RUNNING."""
+    if os.environ.get(PARENT_ENV) == run_id:  # jobs started later in this process belong to no group
+        os.environ.pop(PARENT_ENV)
     try:
         run = tracker.client.get_run(run_id)
         if run.info.status != "RUNNING":
@@ -151,6 +175,18 @@ def end_if_open(tracker: Tracker, run_id: str) -> None:
                                       else "FAILED")
     except Exception as error:  # at exit: report, never raise
         log.warning("could not end parent MLflow run %s: %s", run_id, error)
+
+
+@contextlib.contextmanager
+def ended_on_error(tracker: Tracker, run_id: Optional[str]) -> Iterator[None]:
+    """The work of a group between `open_parent` and `close_parent`: when it raises (a failed
+    job, Ctrl-C), the parent `run_id` (None: no parent) is ended, not left RUNNING."""
+    try:
+        yield
+    except BaseException:
+        if run_id:
+            end_if_open(tracker, run_id)
+        raise
 
 
 def override_params(overrides: Sequence[str]) -> dict[str, str]:

@@ -241,14 +241,19 @@ def _remove_stale_temp_files(folder: Path, older_than_s: float = 3600) -> None:
                 temp.unlink()
 
 
-def _enforce_size_limit(folder: Path, max_bytes: float) -> None:
-    _remove_stale_temp_files(folder)
+def cache_entries(folder: Path) -> list[tuple[float, int, Path]]:
+    """(modification time, bytes, path) of every entry in `folder`, least recently used first."""
     entries = []
     for path in folder.glob("*.pt"):
         with contextlib.suppress(OSError):  # deleted meanwhile by another job
             stat = path.stat()
             entries.append((stat.st_mtime, stat.st_size, path))
-    entries.sort()
+    return sorted(entries)
+
+
+def _enforce_size_limit(folder: Path, max_bytes: float) -> None:
+    _remove_stale_temp_files(folder)
+    entries = cache_entries(folder)
     total = sum(size for _, size, _ in entries)
     for _, size, path in entries[:-1]:  # never the entry just written
         if total <= max_bytes:

@@ -28,10 +28,11 @@ TEACHER_ROLE = "teacher"  # a cross-entropy run of the teacher model
 STUDENT_ROLE = "student"
 SWEEP_ROLE = "sweep"  # the parent run of a Hydra multirun
 REPRODUCTION_ROLE = "reproduction"  # the parent run of scripts/reproduce_tutorial.py
-SUMMARY_ROLE = "summary"  # a comparison's or benchmark's table, logged as its own run
+BENCHMARK_ROLE = "benchmark"  # the parent run of scripts/benchmark_methods.py, holding its table
+SUMMARY_ROLE = "summary"  # a comparison's table, logged as its own run
 EVALUATION_ROLE = "evaluation"  # an evaluation of a checkpoint from outside the store
 # Runs that hold no trained model of their own, never rows of a comparison.
-UNTRAINED_ROLES = (SUMMARY_ROLE, SWEEP_ROLE, REPRODUCTION_ROLE, EVALUATION_ROLE)
+UNTRAINED_ROLES = (SUMMARY_ROLE, SWEEP_ROLE, REPRODUCTION_ROLE, BENCHMARK_ROLE, EVALUATION_ROLE)
 
 
 def quote(value: str) -> str:

@@ -1,0 +1,179 @@
+"""The pipelines' shared machinery: a job run as its own process and its runs found by its job
+folder, the method benchmark's file of published figures checked before the first job, its jobs as
+children of one parent run, and a child process run to its end through Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FAST, compose_config, mlflow_client, new_store, tracking_uri
+from processes import REPO_ROOT, wait_until
+
+import kdresearch.pipelines.method_benchmark as method_benchmark
+from kdresearch.errors import KDResearchError
+from kdresearch.layout import train_command
+from kdresearch.pipelines import jobs
+from kdresearch.pipelines.jobs import PlannedJob, run_job_process, runs_of_job_folder
+from kdresearch.runtime.processes import child_env, run_to_end
+from kdresearch.sweeps.parent_runs import PARENT_ENV
+from kdresearch.tracking.store import Tracker
+from kdresearch.training.job import run_job
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import benchmark_methods  # noqa: E402  (the script's entry point)
+
+PAIR = "cifar100_res56_res20"
+HEADER = "pair,method,top1,source\n"
+
+
+# --- the file of published figures ----------------------------------------------------------------
+
+@pytest.mark.parametrize("content, problem", [
+    ("a,b\n1,2\n", "its header line has no column pair, method, top1, source"),
+    ("pair,method,top1\nx,kd,70\n", "its header line has no column source"),
+    (f"# a comment\n{HEADER}{PAIR},kd,abc,somewhere\n", "line 3: top1 'abc' is not a number"),
+    (f"{HEADER}\n{PAIR},kd,70.1\n", "line 3 has 3 fields, the header 4"),
+    ("# only a comment\n", "no header line"),
+    (b"\xff\xfe\x00pair", "cannot be read as a text file"),
+])
+def test_published_file_problems_are_one_line_naming_the_file(tmp_path, content, problem):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(KDResearchError) as raised:
+        method_benchmark.read_published(path)
+    message = str(raised.value)
+    assert message.startswith(f"published figures {path}: ") and problem in message and "\n" not in message
+
+
+def test_published_file_missing_or_a_folder(tmp_path):
+    with pytest.raises(KDResearchError, match=f"published figures {tmp_path / 'nope.csv'}: no such file"):
+        method_benchmark.read_published(tmp_path / "nope.csv")
+    with pytest.raises(KDResearchError, match="is not a file"):
+        method_benchmark.read_published(tmp_path)
+    good = tmp_path / "good.csv"
+    good.write_text(f"# cited\n{HEADER}{PAIR},kd,70.66,repdistiller\n")
+    assert method_benchmark.read_published(good) == {("kd", PAIR): (70.66, "repdistiller")}
+
+
+@pytest.mark.parametrize("published", ["bad.csv", "missing.csv"])
+def test_bad_published_file_stops_the_benchmark_before_any_job(tmp_path, monkeypatch, capsys, published):
+    (tmp_path / "bad.csv").write_text(f"{HEADER}{PAIR},kd,n/a,x\n")
+
+    def no_job(command):
+        raise AssertionError(f"a job ran: {command}")
+
+    monkeypatch.setattr(jobs, "run_to_end", no_job)
+    store = tmp_path / "store"
+    code = benchmark_methods.main(["--pairs", PAIR, "--methods", "kd", "--published", str(tmp_path / published),
+                                   "--out", str(tmp_path / "bench"), f"tracking.uri={tracking_uri(store)}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    problem = "line 2: top1 'n/a' is not a number" if published == "bad.csv" else "no such file"
+    assert err == f"error: published figures {tmp_path / published}: {problem}\n"
+    assert not store.exists() and not (tmp_path / "bench").exists()  # no store opened, no folder made
+
+
+# --- a job's runs found by its folder -------------------------------------------------------------
+
+def test_runs_of_a_job_folder_are_its_teachers_then_its_own_since_it_started(tmp_path):
+    tracker = Tracker(tracking_uri(new_store(tmp_path / "store")), "kdresearch")
+    folder = tmp_path / "job"
+
+    def run(path: Path, start: int, end):
+        made = tracker.client.create_run(tracker.experiment_id, start_time=start,
+                                         tags={"output_dir": str(path.resolve())}).info.run_id
+        if end is not None:
+            tracker.client.set_terminated(made, end_time=end)
+        return made
+
+    run(folder, 100, 200)  # an earlier job in the same folder, ended before this one started
+    run(tmp_path / "other", 1000, 2000)  # another job's
+    own = run(folder, 1500, 1900)
+    teacher = run(folder / "teacher", 1100, 1400)
+    running = run(folder, 1600, None)  # still running (a job of the same folder started meanwhile)
+    assert runs_of_job_folder(tracker, folder, ended_since_ms=1000) == [teacher, own, running]
+
+
+def train_in_process(command: list[str]) -> int:
+    """What `python -m kdresearch.train <overrides>` does, in this process: the job trained in the
+    folder its hydra.run.dir names."""
+    overrides = command[len(train_command()):]
+    folder = next(item.partition("=")[2] for item in overrides if item.startswith("hydra.run.dir="))
+    run_job(compose_config(*[item for item in overrides if not item.startswith("hydra.")]), Path(folder))
+    return 0
+
+
+def test_a_kd_job_process_returns_its_teachers_run_then_its_own(tmp_path, monkeypatch):
+    store = new_store(tmp_path / "store")
+    folder = tmp_path / "kd-job"
+    overrides = [*FAST, "data=synthetic", "quiet=true", "loss=kd", f"tracking.uri={tracking_uri(store)}",
+                 f"cache.dir={store / 'cache'}", f"hydra.run.dir={folder}"]
+    job = PlannedJob("kd", 1, str(folder), overrides)
+    assert job.command == [*train_command(), *overrides]
+    monkeypatch.setattr(jobs, "run_to_end", train_in_process)
+    tracker = Tracker(tracking_uri(store), "kdresearch")
+
+    teacher, student = run_job_process(job, 1, 1, tracker)  # the automatic teacher, then the student
+    assert job.run_ids == [teacher, student]
+    client = mlflow_client(store)
+    assert client.get_run(teacher).data.tags["output_dir"] == str((folder / "teacher").resolve())
+    assert client.get_run(student).data.tags["teacher_run_id"] == teacher
+
+    # Run again in the same folder: only the new student run is this job's (the teacher is reused).
+    (again,) = run_job_process(job, 1, 1, tracker)
+    assert again not in (teacher, student) and client.get_run(again).data.tags["teacher_run_id"] == teacher
+
+
+def test_a_failed_job_process_is_one_line_and_its_parent_run_does_not_stay_running(tmp_path, monkeypatch):
+    store = new_store(tmp_path / "store")
+    monkeypatch.setattr(jobs, "run_to_end", lambda command: 3)
+    with pytest.raises(KDResearchError, match=r"^job .*\|ce \(seed 1\) failed \(exit code 3\); command: "):
+        method_benchmark.benchmark([PAIR], ["kd"], [1], [f"tracking.uri={tracking_uri(store)}"],
+                                   out=tmp_path / "bench", published_path=None)
+    (parent,) = mlflow_client(store).search_runs(
+        [mlflow_client(store).get_experiment_by_name("kdresearch").experiment_id])
+    assert parent.data.tags["role"] == "benchmark" and parent.info.status == "FAILED"
+    assert PARENT_ENV not in os.environ  # later jobs of this process belong to no group
+
+
+# --- child processes ------------------------------------------------------------------------------
+
+def test_run_to_end_returns_the_exit_status_with_unbuffered_output():
+    assert child_env(EXTRA="1")["PYTHONUNBUFFERED"] == "1"
+    code = "import os, sys; sys.exit(7 if os.environ.get('PYTHONUNBUFFERED') == '1' else 1)"
+    assert run_to_end([sys.executable, "-c", code]) == 7
+
+
+CHILD_STOPPING_SLOWLY = """
+import pathlib, signal, sys, time
+folder = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    time.sleep(1.5)  # longer than subprocess.run waits before it kills a child after Ctrl-C
+    (folder / "stopped").write_text("cleanly")
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+(folder / "ready").write_text("")
+time.sleep(60)
+"""
+PARENT = ("import sys; from kdresearch.runtime.processes import run_to_end\n"
+          "try:\n    run_to_end(sys.argv[1:])\nexcept KeyboardInterrupt:\n    sys.exit(42)\n")
+
+
+def test_ctrl_c_waits_until_the_child_has_stopped(tmp_path):
+    """Ctrl-C reaches the whole process group: the parent waits for its child to finish stopping."""
+    child = [sys.executable, "-c", CHILD_STOPPING_SLOWLY, str(tmp_path)]
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, *child], cwd=REPO_ROOT, start_new_session=True)
+    try:
+        wait_until(lambda: (tmp_path / "ready").exists(), "the child's SIGINT handler", timeout=60)
+        os.killpg(parent.pid, signal.SIGINT)
+        assert parent.wait(timeout=60) == 42
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert (tmp_path / "stopped").read_text() == "cleanly"
