@@ -17,7 +17,7 @@ from test_data import write_cifar_layout
 
 from kdresearch.data.cifar import CIFAR100_FOLDER, load_cifar10, load_cifar100
 from kdresearch.data.image_folder import load_image_folder
-from kdresearch.data.splits import ImageData
+from kdresearch.data.splits import ImageData, limit_positions
 from kdresearch.data.synthetic import make_synthetic
 from kdresearch.errors import KDResearchError
 
@@ -105,13 +105,14 @@ def test_agrees_with_torchvision_reader(fixture_root, monkeypatch):
         assert data.classes == tuple(reference.classes)
 
 
-def test_limits_take_the_first_images(fixture_root):
+def test_limits_take_images_drawn_across_classes(fixture_root):
     root, _ = fixture_root
     full = load_cifar100(root=str(root), download=False, verify=False)
     data = load_cifar100(root=str(root), download=False, verify=False, limit_train=7, limit_test=5)
     assert data.train_images.shape == (7, 3, 32, 32) and data.test_images.shape == (5, 3, 32, 32)
-    assert torch.equal(data.train_images, full.train_images[:7]) and torch.equal(data.train_labels, full.train_labels[:7])
-    assert torch.equal(data.test_images, full.test_images[:5]) and torch.equal(data.test_labels, full.test_labels[:5])
+    train, test = limit_positions(full.train_labels, 7, "limit_train"), limit_positions(full.test_labels, 5, "limit_test")
+    assert torch.equal(data.train_images, full.train_images[train]) and torch.equal(data.train_labels, full.train_labels[train])
+    assert torch.equal(data.test_images, full.test_images[test]) and torch.equal(data.test_labels, full.test_labels[test])
     assert data.num_classes == 100
 
 

@@ -13,6 +13,7 @@ from torchvision import transforms
 
 from kdresearch.data.batches import BatchIterator
 from kdresearch.data.cifar import CIFAR10_CLASSES, load_cifar10
+from kdresearch.data.splits import limit_positions
 from kdresearch.data.synthetic import make_synthetic
 from kdresearch.errors import KDResearchError
 
@@ -106,13 +107,14 @@ def test_without_meta_the_official_names_are_used(tmp_path):
     assert load_cifar10(root=str(tmp_path), download=False, verify=False).classes == CIFAR10_CLASSES
 
 
-def test_limits_take_the_first_images(fixture_root):
+def test_limits_take_images_drawn_across_classes(fixture_root):
     root, _ = fixture_root
     full = load_cifar10(root=str(root), download=False, verify=False)
     data = load_cifar10(root=str(root), download=False, verify=False, limit_train=7, limit_test=5)
     assert data.train_images.shape == (7, 3, 32, 32) and data.test_images.shape == (5, 3, 32, 32)
-    assert torch.equal(data.train_images, full.train_images[:7])
-    assert torch.equal(data.test_labels, full.test_labels[:5])
+    kept = limit_positions(full.train_labels, 7, "limit_train")
+    assert torch.equal(data.train_images, full.train_images[kept])
+    assert torch.equal(data.test_labels, full.test_labels[limit_positions(full.test_labels, 5, "limit_test")])
     assert data.fingerprint() != full.fingerprint()
 
 
@@ -182,7 +184,7 @@ def test_real_sample_matches_torchvision_reader(shared_cifar, real_data, monkeyp
 def test_real_sample_limits(shared_cifar, real_data):
     data = load_cifar10(root=str(shared_cifar), download=False, verify=False, limit_train=500, limit_test=100)
     assert len(data.train_labels) == 500 and len(data.test_labels) == 100
-    assert torch.equal(data.train_images, real_data.train_images[:500])
+    assert torch.equal(data.train_images, real_data.train_images[limit_positions(real_data.train_labels, 500, "limit_train")])
 
 
 def test_real_sample_fails_verification(shared_cifar):
@@ -222,7 +224,8 @@ def test_synthetic_shapes_and_limits():
     assert len(data.classes) == 10
     assert 0 <= int(data.train_labels.min()) and int(data.train_labels.max()) < 10
     full = make_synthetic(num_train=100, num_test=40)
-    assert torch.equal(data.train_images, full.train_images[:30])  # limits cut, they do not resample
+    # limits pick images of the full set, drawn across the classes
+    assert torch.equal(data.train_images, full.train_images[limit_positions(full.train_labels, 30, "limit_train")])
 
 
 def test_synthetic_default_size():

@@ -19,6 +19,7 @@ from conftest import REPO_ROOT
 from filelock import FileLock
 from omegaconf import OmegaConf
 
+from kdresearch.runtime import locks
 from kdresearch.data.synthetic import make_synthetic
 from kdresearch.models import DeepNN
 from kdresearch.teacher import outputs as cache
@@ -174,9 +175,9 @@ def test_waiting_for_the_lock_is_logged_once_and_interruptible(tmp_path, teacher
         if len(checks) == 4:
             raise KeyboardInterrupt("signal 15")
 
-    monkeypatch.setattr(cache, "LOCK_POLL_S", 0.05)
+    monkeypatch.setattr(locks, "POLL_SECONDS", 0.05)
     monkeypatch.setattr(cache.interrupts, "check", check)
-    with holder, caplog.at_level(logging.INFO, logger="kdresearch.teacher_outputs"):
+    with holder, caplog.at_level(logging.INFO, logger="kdresearch.teacher.outputs"):
         with pytest.raises(KeyboardInterrupt):
             build(teacher, data, folder)
     waits = [r.getMessage() for r in caplog.records if "waiting for another job" in r.getMessage()]
@@ -249,7 +250,7 @@ def test_damaged_entry_is_reported_deleted_and_rebuilt(tmp_path, teacher, data, 
     (path,) = folder.glob("*.pt")
     damage_entry(path, teacher)
 
-    with caplog.at_level(logging.INFO, logger="kdresearch.teacher_outputs"):
+    with caplog.at_level(logging.INFO, logger="kdresearch.teacher.outputs"):
         provider = build(teacher, data, folder)
     assert isinstance(provider, CachedTeacher)
     assert_matches_online(provider.outputs, online)
@@ -260,7 +261,7 @@ def test_damaged_entry_is_reported_deleted_and_rebuilt(tmp_path, teacher, data, 
     assert [p.name for p in folder.glob("*.pt")] == [path.name] and not list(folder.glob(".*.tmp"))
     assert_valid_entry(path, teacher, online)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="kdresearch.teacher_outputs"):
+    with caplog.at_level(logging.INFO, logger="kdresearch.teacher.outputs"):
         again = build(teacher, data, folder)  # the rebuilt entry is read, silently
     assert not warnings_of(caplog) and any("read from" in r.getMessage() for r in caplog.records)
     assert_matches_online(again.outputs, online)
@@ -299,7 +300,7 @@ def test_full_disk_runs_the_teacher_online_and_leaves_no_file(tmp_path, teacher,
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
     folder = tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger="kdresearch.teacher_outputs"):
+    with caplog.at_level(logging.INFO, logger="kdresearch.teacher.outputs"):
         provider = build(teacher, data, folder)
 
     assert isinstance(provider, OnlineTeacher) and not provider.used_cache
@@ -317,7 +318,7 @@ def test_full_disk_runs_the_teacher_online_and_leaves_no_file(tmp_path, teacher,
 def test_unusable_cache_folder_runs_the_teacher_online(tmp_path, teacher, data, caplog):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
-    with caplog.at_level(logging.INFO, logger="kdresearch.teacher_outputs"):
+    with caplog.at_level(logging.INFO, logger="kdresearch.teacher.outputs"):
         provider = build(teacher, data, blocker / "cache")
     assert isinstance(provider, OnlineTeacher)
     (warning,) = warnings_of(caplog)

@@ -12,7 +12,7 @@ def view_parameters(count: int, augment_seed: int, epoch: int, padding: int = 4)
     column shifts of the zero-padded image (0 .. 2*padding) and a horizontal flip with probability
     1/2. They depend on (augment_seed, epoch, sample index) only, not on the data order, the batch
     size or the student, so every job with the same augmentation seed sees the same views in an
-    epoch, and their teacher outputs can be computed once (kdresearch.teacher_outputs)."""
+    epoch, and their teacher outputs can be computed once (kdresearch.teacher.outputs)."""
     generator = torch.Generator().manual_seed((augment_seed * 1_000_003 + epoch) % 2**63)
     dy, dx = (torch.randint(0, 2 * padding + 1, (count,), generator=generator) for _ in range(2))
     flip = torch.rand(count, generator=generator) < 0.5

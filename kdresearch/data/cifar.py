@@ -217,6 +217,3 @@ def load_cifar100(root: str = "data", download: bool = True, verify: bool = True
     labels, class names from meta's fine_label_names."""
     return load_cifar(CIFAR100, root, download, verify, num_classes, limit_train, limit_test, mean, std, augment,
                       val_size, val_seed)
-
-
-# --- synthetic --------------------------------------------------------------------------------

@@ -4,9 +4,11 @@
 format PIL opens; the classes are the sorted folder names under train/, as many as
 `data.num_classes` says; every image is resized to the tutorial networks' 32x32). Workers decode
 images to uint8; the main process then shuffles, augments and normalises them exactly as it does
-in-memory data (the same generator draws, the same `data.Batches` code), so a folder written from
-an in-memory dataset yields identical batches. The teacher-output cache works as for in-memory
-data: it is indexed by sample and keyed by a content hash of every file, computed once per job.
+in-memory data (the same generator draws, the same `kdresearch.data.batches.Batches` code), so a
+folder written from an in-memory dataset yields identical batches. The teacher-output cache works
+as for in-memory data: it is indexed by sample and keyed by a content hash of every file, computed
+once per job. Limits (`data.limit_train`, `data.limit_test`) are drawn across the classes, as for
+in-memory data (`kdresearch.data.splits.select_splits`).
 
 A file that is no image, or whose header declares more pixels than PIL's decompression-bomb limit
 (`PIL.Image.MAX_IMAGE_PIXELS`; up to twice that PIL itself only warns, then decodes the whole
@@ -33,11 +35,10 @@ from kdresearch.data.batches import Batches, batch_indices
 from kdresearch.data.splits import (
     LabelledSplits,
     check_class_count,
-    check_limit,
     check_normalisation,
     check_num_classes,
-    check_val_size,
-    stratified_holdout,
+    select_splits,
+    take,
 )
 from kdresearch.errors import KDResearchError
 
@@ -97,7 +98,7 @@ def _worker_error_line(error: Exception) -> str:
 
 
 class StreamingBatches(Batches):
-    """Like `data.BatchIterator`, but the images of each batch are read from files by
+    """Like `kdresearch.data.batches.BatchIterator`, but the images of each batch are read from files by
     `num_workers` DataLoader processes (0: in this process)."""
 
     def __init__(self, files: ImageFiles, labels: torch.Tensor, data: "ImageFolderData", batch_size: int,
@@ -210,15 +211,14 @@ def load_image_folder(root: Optional[str] = None, num_classes: int = 10, num_wor
     check_class_count(len(classes), num_classes, f"{folder / 'train'} has {len(classes)} class folders")
     train_files, train_labels = _list_split(folder / "train", classes)
     test_files, test_labels = _list_split(folder / "test", classes)
-    limit_train = check_limit(limit_train, "limit_train") or len(train_files)
-    limit_test = check_limit(limit_test, "limit_test") or len(test_files)
-    train_files, train_labels = train_files[:limit_train], train_labels[:limit_train]
+    # The files are listed class by class: the limits are drawn across the classes, never a prefix.
+    train_positions, val_positions, test_positions = select_splits(
+        train_labels, test_labels, limit_train, limit_test, val_size, val_seed)
     val_files = val_labels = None
-    if check_val_size(val_size, len(train_labels)):
-        kept, held_out = stratified_holdout(train_labels, val_size, val_seed)
-        val_files, val_labels = [train_files[i] for i in held_out.tolist()], train_labels[held_out]
-        train_files, train_labels = [train_files[i] for i in kept.tolist()], train_labels[kept]
-    return ImageFolderData("image_folder", folder, train_files, train_labels,
-                           test_files[:limit_test], test_labels[:limit_test], classes,
+    if val_positions is not None:
+        val_files, val_labels = take(train_files, val_positions), take(train_labels, val_positions)
+    train_files, train_labels = take(train_files, train_positions), take(train_labels, train_positions)
+    test_files, test_labels = take(test_files, test_positions), take(test_labels, test_positions)
+    return ImageFolderData("image_folder", folder, train_files, train_labels, test_files, test_labels, classes,
                            tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(augment), num_workers,
                            val_files, val_labels)

@@ -1,5 +1,6 @@
 """What the trainer needs of a dataset (the protocol), the labelled splits every dataset derives,
-in-memory image data, the input checks of data keys, and the stratified validation hold-out.
+in-memory image data, the input checks of data keys, and the one stratified draw that both the
+limits (`data.limit_train`, `data.limit_test`) and the validation hold-out use.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from kdresearch.errors import KDResearchError
 
 class Dataset(Protocol):
     """What the trainer needs of a dataset: `ImageData` (in memory, below) or
-    `kdresearch.streaming.ImageFolderData` (image files read per batch by DataLoader workers)."""
+    `kdresearch.data.image_folder.ImageFolderData` (image files read per batch by DataLoader workers)."""
 
     name: str
     augment: bool
@@ -27,8 +28,8 @@ class Dataset(Protocol):
 
     def fingerprint(self) -> str:
         """Content hash of the samples, labels and normalisation (not of `augment`: whether a job
-        augments is part of its training identity, kdresearch.identity, so teacher and student of
-        one data set share a fingerprint however each trains)."""
+        augments is part of its training identity, kdresearch.config.identity, so teacher and
+        student of one data set share a fingerprint however each trains)."""
 
     def batches(self, split: str, batch_size: int, device: torch.device,
                 generator: Optional[torch.Generator] = None, channels_last: bool = False,
@@ -137,28 +138,64 @@ def check_normalisation(mean: Sequence[float], std: Sequence[float]) -> None:
             validators.number(f"{key}[{index}]", value, **bound)
 
 
-def _limited(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int], what: str):
-    if check_limit(limit, what) is None:
-        return images, labels
-    return images[:limit].contiguous(), labels[:limit].contiguous()
-
-
 def in_memory_data(name, train, test, classes, limit_train, limit_test, mean, std, augment,
                 val_size=0, val_seed=0) -> ImageData:
+    """`ImageData` of the (images, labels) pairs `train` and `test`, limited and split (`select_splits`)."""
     check_normalisation(mean, std)
-    train_images, train_labels = _limited(*train, limit_train, "limit_train")
-    test_images, test_labels = _limited(*test, limit_test, "limit_test")
+    (train_images, train_labels), (test_images, test_labels) = train, test
+    train_positions, val_positions, test_positions = select_splits(
+        train_labels, test_labels, limit_train, limit_test, val_size, val_seed)
     val_images = val_labels = None
-    if check_val_size(val_size, len(train_labels)):
-        kept, held_out = stratified_holdout(train_labels, val_size, val_seed)
-        val_images, val_labels = train_images[held_out], train_labels[held_out]
-        train_images, train_labels = train_images[kept], train_labels[kept]
+    if val_positions is not None:
+        val_images, val_labels = take(train_images, val_positions), take(train_labels, val_positions)
+    train_images, train_labels = take(train_images, train_positions), take(train_labels, train_positions)
+    test_images, test_labels = take(test_images, test_positions), take(test_labels, test_positions)
     return ImageData(name, train_images, train_labels, test_images, test_labels, tuple(classes),
                      tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(augment),
                      val_images, val_labels)
 
 
-# --- validation hold-out ----------------------------------------------------------------------
+# --- stratified draws: limits and the validation hold-out -------------------------------------
+
+def select_splits(train_labels: torch.Tensor, test_labels: torch.Tensor, limit_train: Optional[int],
+                  limit_test: Optional[int], val_size: int, val_seed: int):
+    """What a job uses of a dataset's full train and test splits, as sorted positions into them:
+    (train, validation, test). The limits are drawn first (`limit_positions`), then `val_size`
+    of the limited training samples are held out (`stratified_holdout`). None stands for every
+    sample (train, test) or for no validation split."""
+    train = limit_positions(train_labels, limit_train, "limit_train")
+    test = limit_positions(test_labels, limit_test, "limit_test")
+    limited = train_labels if train is None else train_labels[train]
+    val = None
+    if check_val_size(val_size, len(limited)):
+        kept, held_out = stratified_holdout(limited, val_size, val_seed)
+        positions = torch.arange(len(train_labels)) if train is None else train
+        train, val = positions[kept], positions[held_out]
+    return train, val, test
+
+
+def take(items, positions: Optional[torch.Tensor]):
+    """`items` (a tensor, or a list such as image files) at `positions`; all of them for None."""
+    if positions is None:
+        return items
+    if isinstance(items, torch.Tensor):
+        return items[positions].contiguous()
+    return [items[i] for i in positions.tolist()]
+
+
+# The seed of the limits' draw: fixed, so a limit keeps the same images in every job and for every
+# training seed (the images are part of the data fingerprint, hence of a teacher's identity).
+LIMIT_SEED = 0
+
+
+def limit_positions(labels: torch.Tensor, limit: Optional[int], what: str) -> Optional[torch.Tensor]:
+    """The sorted positions that `data.<what>` (limit_train or limit_test) keeps of a split with
+    these labels, drawn across the classes (`stratified_sample`), so a limit of a class-sorted split
+    (image folders) keeps every class; None when there is no limit or it keeps every sample."""
+    if check_limit(limit, what) is None or limit >= len(labels):
+        return None
+    return stratified_sample(labels, limit, LIMIT_SEED)
+
 
 def check_val_size(val_size, train_size: int) -> int:
     """`data.val_size`: 0 (no validation split) or fewer images than the training set holds."""
@@ -167,26 +204,29 @@ def check_val_size(val_size, train_size: int) -> int:
 
 def stratified_holdout(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept positions, held-out positions), both sorted: `val_size` training samples held out for
-    validation, each class in proportion to its share of the labels (largest remainders decide the
-    rounding, ties to the lower class), drawn with a generator seeded by `data.val_seed`, so every
-    training seed and every job on this data validates on the same images."""
-    generator = torch.Generator().manual_seed(seed)
-    classes, counts = torch.unique(labels, return_counts=True)
-    exact = counts.double() * val_size / len(labels)
-    quota = exact.floor().long()
-    remainders = exact - quota
-    extra = val_size - int(quota.sum())
-    order = sorted(range(len(classes)), key=lambda i: (-float(remainders[i]), i))
-    for i in order[:extra]:
-        quota[i] += 1
-    held_out = []
-    for cls, take in zip(classes.tolist(), quota.tolist()):
-        members = torch.nonzero(labels == cls).flatten()
-        held_out.append(members[torch.randperm(len(members), generator=generator)[:take]])
-    held = torch.cat(held_out).sort().values
+    validation (`stratified_sample` seeded by `data.val_seed`, so every training seed and every job
+    on this data validates on the same images)."""
+    held = stratified_sample(labels, val_size, seed)
     mask = torch.ones(len(labels), dtype=torch.bool)
     mask[held] = False
     return torch.nonzero(mask).flatten(), held
 
 
-# --- CIFAR-10 and CIFAR-100 ----------------------------------------------------------------
+def stratified_sample(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Sorted positions of `size` samples, each class in proportion to its share of the labels
+    (largest remainders decide the rounding, ties to the lower class), drawn at random within each
+    class with a generator seeded by `seed`: the same labels, size and seed give the same samples."""
+    generator = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * size / len(labels)
+    quota = exact.floor().long()
+    remainders = exact - quota
+    extra = size - int(quota.sum())
+    order = sorted(range(len(classes)), key=lambda i: (-float(remainders[i]), i))
+    for i in order[:extra]:
+        quota[i] += 1
+    drawn = []
+    for cls, take in zip(classes.tolist(), quota.tolist()):
+        members = torch.nonzero(labels == cls).flatten()
+        drawn.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    return torch.cat(drawn).sort().values

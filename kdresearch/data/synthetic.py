@@ -53,6 +53,3 @@ def make_synthetic(num_train: int = 2000, num_test: int = 500, num_classes: int 
     classes = tuple(f"pattern_{index}" for index in range(num_classes))
     return in_memory_data("synthetic", sample(num_train), sample(num_test), classes,
                        limit_train, limit_test, mean, std, augment, val_size, val_seed)
-
-
-# --- batches ----------------------------------------------------------------------------------

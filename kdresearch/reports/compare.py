@@ -2,7 +2,8 @@
 table (Markdown, CSV) and a figure (PNG), and log all three as artifacts of a summary run.
 
 - Selection: an experiment, narrowed by the `sweep` tag, tag filters or an MLflow filter string;
-  or an explicit list of run ids. Summary runs (tag `role=summary`) are never compared.
+  or an explicit list of run ids. Runs that train nothing (summaries, the parents of sweeps and
+  reproductions, evaluations: `names.UNTRAINED_ROLES`) are never compared.
 - Rows: runs with the same configuration (every param except the seed and settings that do not
   change what is trained, plus the data fingerprint) form one row; their seeds give mean ± std
   (sample std). When a configuration was run twice with the same seed, the newest run counts.
@@ -30,15 +31,12 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 from kdresearch.config.identity import training_identity
 from kdresearch.errors import KDResearchError
+from kdresearch.tracking import names
 from kdresearch.tracking.run import TrackedRun
 from kdresearch.tracking.store import Tracker, metric_history
 
 log = logging.getLogger(__name__)
 
-SUMMARY_ROLE = "summary"
-# Runs that train nothing: comparison summaries, the parent runs of sweeps and reproductions
-# (kdresearch.parent_runs) and evaluations of a finished model (kdresearch.evaluation).
-UNTRAINED_ROLES = (SUMMARY_ROLE, "sweep", "reproduction", "evaluation")
 ARTIFACT_DIR = "comparison"  # where the summary run keeps comparison.md / .csv / .png
 # Metrics read per epoch (max test/acc, curves, norm at step 0, summed times); others: latest value.
 HISTORY_KEYS = ("test/acc", "train/loss", "first_layer_norm", "epoch_seconds")
@@ -117,7 +115,7 @@ def _number(text: Optional[str], kind=float):
 
 def _identity(params: Mapping[str, str], tags: Mapping[str, str]) -> tuple:
     """The run's training identity (kdresearch.identity) without the seed: equal for the seeds of one setup."""
-    identity = training_identity(params, tags.get("data_fingerprint", ""), with_teacher="teacher_run_id" in tags)
+    identity = training_identity(params, tags.get(names.DATA_FINGERPRINT, ""), with_teacher=names.TEACHER_RUN_ID in tags)
     identity.pop("seed", None)
     return tuple(sorted(identity.items()))
 
@@ -130,15 +128,15 @@ def read_run(client, run, history: bool = True) -> RunRecord:
         run_id=run.info.run_id,
         name=run.info.run_name or tags.get("mlflow.runName", run.info.run_id[:8]),
         start_time=run.info.start_time or 0,
-        role=tags.get("role", ""),
-        model=tags.get("model", params.get("model.name", "")),
-        loss=tags.get("loss", params.get("loss.name", "")),
+        role=tags.get(names.ROLE, ""),
+        model=tags.get(names.MODEL, params.get("model.name", "")),
+        loss=tags.get(names.LOSS, params.get("loss.name", "")),
         seed=_number(params.get("seed"), int),
         hyperparameters={key[len("loss."):]: value for key, value in params.items()
                          if key.startswith("loss.") and key[len("loss."):] not in NOT_HYPERPARAMETERS},
         parameter_count=_number(params.get("parameter_count"), int),
         identity=_identity(params, tags),
-        context=(tags.get("data_fingerprint", ""), params.get("epochs", "")),
+        context=(tags.get(names.DATA_FINGERPRINT, ""), params.get("epochs", "")),
         history=metric_history(client, run.info.run_id, HISTORY_KEYS) if history else {},
         params=params,
         metrics=dict(run.data.metrics),
@@ -165,9 +163,9 @@ def select_runs(tracker: Tracker, run_ids: Sequence[str] = (), sweep: Optional[s
     else:
         clauses = [] if include_unfinished else ["attributes.status = 'FINISHED'"]
         if sweep:
-            clauses.append(f"tags.sweep = {_quote(sweep)}")
+            clauses.append(names.tag_equals(names.SWEEP, sweep))
         for key, value in (tags or {}).items():
-            clauses.append(f"tags.`{key}` = {_quote(value)}")
+            clauses.append(names.tag_equals(key, value))
         if filter_string:
             clauses.append(filter_string)
         query = " and ".join(clauses)
@@ -177,17 +175,11 @@ def select_runs(tracker: Tracker, run_ids: Sequence[str] = (), sweep: Optional[s
             first_line = str(error).strip().splitlines()[0]
             raise KDResearchError(f"bad run filter {query!r}: {first_line}") from None
         described = f"runs matching {query!r}" if query else "runs"
-    runs = [run for run in runs if run.data.tags.get("role") not in UNTRAINED_ROLES]
+    runs = [run for run in runs if run.data.tags.get(names.ROLE) not in names.UNTRAINED_ROLES]
     if not runs:
         experiment = tracker.client.get_experiment(tracker.experiment_id).name
         raise KDResearchError(f"no {described} to compare in experiment {experiment!r} of {tracker.uri}")
     return sorted(runs, key=lambda run: run.info.start_time or 0)
-
-
-def _quote(value: str) -> str:
-    if "'" in value and '"' in value:
-        raise KDResearchError(f"cannot filter on a value with both quote characters: {value!r}")
-    return f'"{value}"' if "'" in value else f"'{value}'"
 
 
 # --- rows -------------------------------------------------------------------------------------------
@@ -243,7 +235,7 @@ class Row:
             return "UNFAIR: " + "; ".join(self.unfair)
         if self.is_baseline:
             return "baseline"
-        if self.baseline_label is None and self.first.role == "student":
+        if self.baseline_label is None and self.first.role == names.STUDENT_ROLE:
             return "no student-CE baseline on this data"
         return ""
 
@@ -281,7 +273,7 @@ def _labels(groups: list[list[RunRecord]], per_run: bool) -> list[str]:
 
 
 def _is_ce_student(record: RunRecord) -> bool:
-    return record.role == "student" and record.loss == "ce"
+    return record.role == names.STUDENT_ROLE and record.loss == "ce"
 
 
 def build_rows(records: list[RunRecord], per_run: bool = False, baseline: Optional[str] = None) -> list[Row]:
@@ -321,7 +313,7 @@ def build_rows(records: list[RunRecord], per_run: bool = False, baseline: Option
         accs, base_accs = row.stat("final_acc"), Stat.of(run.final_acc for run in paired)
         if accs.mean is not None and base_accs.mean is not None:
             row.delta = accs.mean - base_accs.mean
-        if row.first.role != "student" or row.is_baseline:
+        if row.first.role != names.STUDENT_ROLE or row.is_baseline:
             continue
         for run in row.runs:
             reference = by_seed.get(run.seed, base_runs[0])
@@ -525,7 +517,7 @@ def log_summary_run(tracker: Tracker, result: Comparison, name: str, records: Se
     """A run (tag role=summary) holding the comparison files; its description is the table."""
     run_ids = [record.run_id for record in records]
     tags = {
-        "role": SUMMARY_ROLE,
+        names.ROLE: names.SUMMARY_ROLE,
         "compared_runs": " ".join(run_ids)[:5000],
         "mlflow.note.content": f"{markdown_table(result.rows)}\n{_footnote(result.rows)}",
     }

@@ -45,6 +45,7 @@ from kdresearch.errors import KDResearchError
 from kdresearch.layout import CONF_DIR
 from kdresearch.models import model_name
 from kdresearch.runtime import devices
+from kdresearch.tracking import names
 from kdresearch.tracking.run import TrackedRun
 from kdresearch.tracking.store import Tracker
 from kdresearch.training.loop import predict
@@ -57,7 +58,6 @@ from kdresearch.training.weights import (
     trained_classes,
 )
 
-ROLE = "evaluation"  # tag `role` of the runs made for checkpoints from outside the store
 ARTIFACT_DIR = "evaluation"  # artifacts go under evaluation/<data name>/
 BATCH_SIZE = 256  # the trainer's test batch size
 FULL_MATRIX_CLASSES = 20  # up to this many classes the text and the figure show every count
@@ -500,8 +500,8 @@ def log_evaluation(tracker: Tracker, outcome: Outcome, files: Sequence[Path]) ->
         outcome.run_name = tracker.client.get_run(producer).info.run_name
         return
     name = f"evaluate-{outcome.model_label}"
-    run_tags = {"role": ROLE, "evaluated_checkpoint": source.label, "model": outcome.model_label,
-                "data": config.data.name, "device": str(outcome.device)}
+    run_tags = {names.ROLE: names.EVALUATION_ROLE, "evaluated_checkpoint": source.label, names.MODEL: outcome.model_label,
+                "data": config.data.name, names.DEVICE: str(outcome.device)}
     if source.run_id is not None:  # a checkpoint of ours whose run lives in another store
         run_tags["checkpoint_run_id"] = source.run_id
     params = flatten({"model": OmegaConf.to_container(config.model, resolve=True), "data": data_settings})

@@ -88,11 +88,6 @@ def wrap(world: World, module: torch.nn.Module, device: torch.device) -> torch.n
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
 
-def barrier(world: World) -> None:
-    if world.active:
-        dist.barrier()
-
-
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdresearch.errors import KDResearchError
 from kdresearch.tracking.store import Tracker, recordable_key
+from kdresearch.tracking import names
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def open_parent(tracker: Tracker, folder: Path, name: str, tags: Mapping[str, st
     run_id = None
     previous = recorded_parent(folder)
     if previous is not None:
-        found = tracker.find_runs(f"attributes.run_id = '{previous}'")
+        found = tracker.find_runs(f"attributes.run_id = {names.quote(previous)}")
         if found:
             run_id = tracker.resume_run(previous).run_id
             log.info("continuing parent MLflow run %s of %s", run_id, folder)
@@ -96,7 +97,7 @@ def open_parent(tracker: Tracker, folder: Path, name: str, tags: Mapping[str, st
 
 def children(tracker: Tracker, run_id: str) -> list:
     """Child runs of `run_id`, newest first."""
-    return tracker.find_runs(f"tags.mlflow.parentRunId = '{run_id}'", max_results=10000)
+    return tracker.find_runs(names.tag_equals(names.PARENT_RUN_ID, run_id), max_results=10000)
 
 
 def latest_per_configuration(runs: Sequence) -> list:
@@ -104,7 +105,7 @@ def latest_per_configuration(runs: Sequence) -> list:
     stands for its configuration. `runs` newest first; the result keeps that order."""
     seen, latest = set(), []
     for run in runs:
-        key = run.data.tags.get("config_hash", run.info.run_id)
+        key = run.data.tags.get(names.CONFIG_HASH, run.info.run_id)
         if key not in seen:
             seen.add(key)
             latest.append(run)
@@ -213,7 +214,7 @@ class SweepParentRun(Callback):
         search = OmegaConf.select(config, "hydra.sweeper.params")
         if search:
             params.update({f"search.{key}": str(value) for key, value in search.items()})
-        tags = {"role": "sweep", "sweep_dir": str(folder), "overrides": " ".join(overrides),
+        tags = {names.ROLE: names.SWEEP_ROLE, names.SWEEP_DIR: str(folder), names.OVERRIDES: " ".join(overrides),
                 "sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).rsplit(".", 1)[-1],
                 "launcher": str(OmegaConf.select(config, "hydra.launcher._target_", default="")).rsplit(".", 1)[-1]}
         name = "sweep-" + "_".join(folder.parts[-2:])

@@ -62,6 +62,7 @@ from optuna.trial import TrialState, create_trial
 
 from kdresearch.config.validators import integer, number
 from kdresearch.errors import KDResearchError
+from kdresearch.tracking import names
 from kdresearch.training.result import objective
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,7 @@ def sweep_runs(tracker, sweep_dir: str) -> list:
     folder = Path(sweep_dir).resolve()
     runs = {}
     for spelling in spellings:
-        quote = '"' if "'" in spelling else "'"
-        for run in tracker.find_runs(f"tags.sweep = {quote}{spelling}{quote}", max_results=10000):
+        for run in tracker.find_runs(names.tag_equals(names.SWEEP, spelling), max_results=10000):
             output_dir = run.data.tags.get("output_dir")
             if output_dir and not Path(output_dir).resolve().is_relative_to(folder):
                 continue  # a relative spelling that meant another folder for another working folder

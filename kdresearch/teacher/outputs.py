@@ -12,8 +12,8 @@ folder), the folder is kept under `cache.max_gb` by deleting the least recently 
 Guarantees, for jobs on one machine or on a shared file system with working file locks:
 
 * Built once. Jobs that need the same entry (a parallel sweep, several launches at once) take
-  one lock per entry (`filelock`, released by the OS when its holder exits or is killed); the
-  first builds and saves it, the others wait and then read it. A waiting job never gives up:
+  one lock per entry (`kdresearch.runtime.locks`, released by the OS when its holder exits or
+  is killed); the first builds and saves it, the others wait and then read it. A waiting job never gives up:
   it logs once that it waits and stays interruptible (Ctrl-C, SIGTERM).
 * Never partial. An entry is written to a temp file, fsynced and renamed into place (see
   `save_checkpoint`), so a reader sees the whole previous state or the whole new one; temp files
@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from filelock import FileLock, Timeout
 from torch import nn
 
 from kdresearch.data.splits import Dataset
@@ -48,6 +47,7 @@ from kdresearch.errors import KDResearchError
 from kdresearch.layout import PROJECT_ROOT
 from kdresearch.models import ModelOutputs, assemble_outputs, select_fields
 from kdresearch.runtime import devices, interrupts
+from kdresearch.runtime.locks import InterruptibleLock
 from kdresearch.training.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,6 @@ DEFAULT_CACHE_DIR = PROJECT_ROOT / ".cache" / "teacher_outputs"
 # Layout of an entry: {"format": ENTRY_FORMAT, "outputs": {field: tensor}, "checksums": {field: int},
 # "checksum": "crc32"}. Format 1 (no version, a bare {field: tensor}) had no checksums.
 ENTRY_FORMAT = 2
-
-# Lock waits are cut into slices of this many seconds to notice Ctrl-C / SIGTERM between them.
-LOCK_POLL_S = 1.0
 
 
 class OnlineTeacher:
@@ -212,26 +209,6 @@ def _read_entry(path: Path, expected: dict[str, tuple[int, ...]]) -> Optional[di
     return None
 
 
-def _acquire(lock_path: Path) -> FileLock:
-    """Take the entry's lock (the caller releases it), waiting without a time limit: its holder is
-    building that very entry, a teacher pass that can take hours on a large data set, and giving up
-    would mean computing it a second time (what the lock is for) or running the teacher online for
-    the whole run. The OS releases the lock when its holder exits or is killed, so the wait ends
-    with the build either way."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_path)
-    waiting = False
-    while True:
-        interrupts.check()
-        try:
-            lock.acquire(timeout=LOCK_POLL_S)
-            return lock
-        except Timeout:
-            if not waiting:
-                log.info("teacher cache: waiting for another job that is building %s", lock_path.stem)
-                waiting = True
-
-
 def _remove_stale_temp_files(folder: Path, older_than_s: float = 3600) -> None:
     """Temp files of writes killed midway (SIGKILL) are never renamed into place: delete them."""
     now = time.time()
@@ -269,8 +246,14 @@ def _cached(path: Path, expected: dict[str, tuple[int, ...]], compute, max_gb: f
     saved (parallel jobs build it once, under its lock). None when the cache cannot be used (a
     read-only or full file system): the caller runs the teacher online."""
     folder = path.parent
+    # No time limit: the holder is building this very entry, a teacher pass that can take hours on
+    # a large data set, and giving up would mean computing it a second time (what the lock is for)
+    # or running the teacher online for the whole run. The wait ends with the build either way.
+    lock_path = folder / ".locks" / f"{path.name}.lock"
+    lock = InterruptibleLock(lock_path, timeout=None, on_wait=lambda: log.info(
+        "teacher cache: waiting for another job that is building %s", lock_path.stem))
     try:
-        lock = _acquire(folder / ".locks" / f"{path.name}.lock")  # parallel jobs build it once
+        lock.acquire()  # parallel jobs build it once
     except OSError as error:  # a read-only or full file system, no permission
         log.warning("teacher cache: cannot use %s (%s); running the teacher online", folder, error)
         return None

@@ -9,8 +9,10 @@ error, KILLED on Ctrl-C.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_PAUSE_SECONDS = 30.0  # the longest wait between two attempts to reach an unreachable server
+SQLITE_FULL = "database or disk is full"  # SQLite's message for SQLITE_FULL (no space for the database or its journal)
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # an artifact copied onto a full disk or past a quota
 
 
 def unreachable(error: BaseException) -> bool:
@@ -40,6 +44,20 @@ def unreachable(error: BaseException) -> bool:
     text = str(getattr(error, "message", error))
     return isinstance(error, MlflowException) and text.startswith("API request to") and "failed with" in text
 
+
+def full_disk(error: Optional[BaseException]) -> Optional[str]:
+    """Why a failed write means the disk under the store is full, or None for any other error:
+    SQLite's "database or disk is full" (MLflow wraps it in MlflowException) or an OSError ENOSPC /
+    EDQUOT (an artifact copied next to the store), wherever it sits in the error's chain of causes."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in FULL_DISK_ERRNOS:
+            return error.strerror or os.strerror(error.errno)
+        if SQLITE_FULL in str(getattr(error, "message", None) or error):
+            return SQLITE_FULL
+        error = error.__cause__ or error.__context__
+    return None
 
 
 
@@ -75,7 +93,7 @@ class TrackedRun:
         self.pending: deque[Callable[[], object]] = deque()
         self.outage_started: Optional[float] = None
         self.pause = 1.0
-        self.resume_hint = "resume=<the job folder>"  # what the outage message tells users to run
+        self.resume_hint: Optional[str] = None  # `resume=<folder>`, set by the job once it can complete the run
 
     # --- writes that survive a tracking-server outage -------------------------------------------
 
@@ -91,6 +109,9 @@ class TrackedRun:
             try:
                 self.pending[0]()
             except Exception as error:
+                full = self.tracker.full_disk_error(error, self._completion())
+                if full is not None:
+                    raise full from None
                 if not unreachable(error):
                     raise
                 self._outage(error)
@@ -116,8 +137,14 @@ class TrackedRun:
             raise KDResearchError(
                 f"MLflow tracking server {self.tracker.uri} unreachable for more than {bound / 60:.1f} min "
                 f"(tracking.retry_minutes); the job stopped with its checkpoints intact: once the server is back, "
-                f"{self.resume_hint} completes MLflow run {self.run_id}"
+                f"{self._completion()}"
             )
+
+    def _completion(self) -> str:
+        """What completes this run once MLflow takes its writes again."""
+        if self.resume_hint is None:  # the job has no folder to resume from yet
+            return "start the job again"
+        return f"{self.resume_hint} completes MLflow run {self.run_id}"
 
     # --- what a run records ---------------------------------------------------------------------
 
@@ -241,10 +268,12 @@ class TrackedRun:
             self.end("FINISHED")
             return False
         status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-        if self.pending:
+        if self.pending and self.outage_started is not None:
             log.warning("%d MLflow writes could not be sent (the server was unreachable); resume= sends them",
                         len(self.pending))
-            self.pending.clear()  # the checkpoint holds every epoch's metrics
+        # The checkpoint holds every epoch's metrics; a write the store refused (a full disk, a bad
+        # value) is what the error being raised reports.
+        self.pending.clear()
         try:
             self.end(status, wait=False)
         except Exception:  # the interrupted client may be unusable (e.g. a locked SQLite session)

@@ -12,12 +12,11 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from filelock import FileLock
-
 from kdresearch.errors import KDResearchError
 from kdresearch.layout import PROJECT_ROOT
-from kdresearch.runtime.locks import TimedLock
-from kdresearch.tracking.run import TrackedRun
+from kdresearch.runtime.locks import InterruptibleLock
+from kdresearch.tracking import names
+from kdresearch.tracking.run import TrackedRun, full_disk
 
 # A progress bar per artifact download would clutter the training log.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -116,6 +115,17 @@ def _check_server(uri: str, timeout: float = 15.0) -> None:
 
 
 
+class _FullDiskReported(logging.Filter):
+    """MLflow logs every SQLite error with its traceback before raising it; a full disk is then
+    reported by the job in one line (`Tracker.full_disk_error`), so its traceback is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and full_disk(record.exc_info[1]))
+
+
+FULL_DISK_REPORTED = _FullDiskReported()
+
+
 class Tracker:
     """A connection to one MLflow store and experiment."""
 
@@ -129,7 +139,8 @@ class Tracker:
         self.retry_seconds = 60.0 * retry_minutes  # how long a run keeps writes while the server is away
         self.mlflow = mlflow
         check_uri(self.uri)
-        db_path = _sqlite_path(self.uri)
+        self.db_path = db_path = _sqlite_path(self.uri)
+        logging.getLogger("mlflow.store.db.utils").addFilter(FULL_DISK_REPORTED)  # once: filters are a set
         if self.uri.startswith(("http://", "https://")):
             _check_server(self.uri)
             for name, value in HTTP_RETRY_DEFAULTS.items():
@@ -148,14 +159,30 @@ class Tracker:
             else:
                 self.client = MlflowClient(self.uri)
                 self.experiment_id = self._experiment_id(experiment, None)
-        except MlflowException as error:
+        except (MlflowException, OSError) as error:
+            full = self.full_disk_error(error, "start the job again")
+            if full is not None:
+                raise full from None
+            if isinstance(error, OSError):
+                raise
             first_line = str(error.message).strip().splitlines()[0] if str(error.message).strip() else type(error)
             raise KDResearchError(f"MLflow store {self.uri} cannot be used: {first_line}") from None
 
-    def lock(self, name: str, timeout: float = -1) -> FileLock:
-        """An exclusive lock shared by the jobs of this machine (filelock; timeout in seconds, -1: wait)."""
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        return TimedLock(str(self.lock_dir / name), timeout=timeout)
+    def full_disk_error(self, error: BaseException, then: str) -> Optional[KDResearchError]:
+        """One line naming the store and its full disk when `error` means the disk is full (see
+        `full_disk`), ending with what to do once there is space (`then`); None for other errors."""
+        reason = full_disk(error)
+        if reason is None:
+            return None
+        # A SQLite store keeps its artifacts beside the database (mlartifacts/): one disk for both.
+        where = self.db_path.parent if self.db_path is not None else self.uri
+        return KDResearchError(f"MLflow store {self.uri} cannot be written: the disk holding {where} is full "
+                               f"({reason}); free space there, then {then}")
+
+    def lock(self, name: str, timeout: Optional[float] = None) -> InterruptibleLock:
+        """An exclusive lock shared by the jobs of this machine, interruptible by Ctrl-C / SIGTERM
+        (timeout in seconds; None: wait as long as its holder needs, e.g. to train a shared teacher)."""
+        return InterruptibleLock(self.lock_dir / name, timeout)
 
     def _experiment_id(self, name: str, artifact_location: Optional[str]) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -180,8 +207,14 @@ class Tracker:
         check_param_keys(params)
         tags = {**lineage.lineage_tags(), **tags}
         if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+            tags[names.PARENT_RUN_ID] = parent_run_id
+        try:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+        except Exception as error:
+            full = self.full_disk_error(error, "start the job again")
+            if full is None:
+                raise
+            raise full from None
         tracked = TrackedRun(self, run.info.run_id)
         with tracked.failing_on_error():
             tracked.log_params(params)
