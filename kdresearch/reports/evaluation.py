@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdresearch.config.flat import flatten
-from kdresearch.errors import KDResearchError
+from kdresearch.errors import KDResearchError, first_line
 from kdresearch.layout import CONF_DIR
 from kdresearch.models import model_name
 from kdresearch.runtime import devices
@@ -258,14 +258,9 @@ def evaluation_metrics(evaluation: Evaluation, data_name: str) -> dict[str, floa
 
 # --- where the weights come from ------------------------------------------------------------------
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _message(error: BaseException) -> str:
     """Hydra's and OmegaConf's message, first line (the rest lists internals and search paths)."""
-    return _first_line(error).rstrip(".")
+    return first_line(error).rstrip(".")
 
 
 def _active_run(tracker: Tracker, run_id: str):

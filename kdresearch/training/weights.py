@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdresearch.errors import KDResearchError
+from kdresearch.errors import KDResearchError, first_line
 from kdresearch.layout import CHECKPOINT_DIR, EPOCH_CHECKPOINTS, FINAL_CHECKPOINT, JobFolder
 from kdresearch.models import model_name
 from kdresearch.training.checkpoint import load_checkpoint, model_state
@@ -92,10 +92,9 @@ def from_run(tracker, run_id: str, what: str = "MLflow run") -> CheckpointSource
         try:
             path = tracker.download_artifact(run_id, FINAL_CHECKPOINT, Path(folder))
         except (MlflowException, OSError) as error:
-            text = str(error).strip()
             raise KDResearchError(
                 f"{what} {run_id} has no final checkpoint {FINAL_CHECKPOINT} in {tracker.uri} "
-                f"({text.splitlines()[0] if text else type(error).__name__}){_unfinished_hint(tracker, run_id)}"
+                f"({first_line(error)}){_unfinished_hint(tracker, run_id)}"
             ) from None
         checkpoint = load_checkpoint(path)
     return CheckpointSource(checkpoint, f"{what} {run_id}", f"runs:/{run_id}/{FINAL_CHECKPOINT}", run_id)
@@ -187,7 +186,7 @@ def _some(keys: list) -> str:
 def _first_detail(error: BaseException) -> str:
     """torch's first line after its "Error(s) in loading state_dict for X:" header."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+    return lines[1] if len(lines) > 1 else first_line(error)
 
 
 def check_finite(state: dict, source: str) -> None:
