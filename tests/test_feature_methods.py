@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from mlflow.tracking import MlflowClient
+from conftest import compose_config, compose_job, mlflow_client
 from torch.nn import functional as F
 
 from kdresearch.config.groups import build
 from kdresearch.errors import KDResearchError
-from kdresearch.layout import CONF_DIR
 from kdresearch.losses.base import Progress
 from kdresearch.losses.cc import CorrelationCongruence, correlation_congruence
 from kdresearch.losses.fsp import FlowOfSolutionProcedure, flow_of_solution_procedure, fsp_matrix
@@ -543,6 +541,7 @@ def test_nst_refuses_a_model_without_stages():
     (SimilarityPreserving, {"stage": "last"}, "loss.stage must be an integer"),
     (InterChannelCorrelation, {"stage": 1.5}, "loss.stage must be an integer"),
     (InterChannelCorrelation, {"T": 0}, "loss.T must be > 0"),
+    (InterChannelCorrelation, {"T": 1000}, "loss.T must be <= 100"),
     (RelationalKD, {"angle_weight": -1}, "loss.angle_weight must be >= 0"),
     (RelationalKD, {"distance_weight": "x"}, "loss.distance_weight must be a number"),
     (CorrelationCongruence, {"feat_dim": 0}, "loss.feat_dim must be an integer >= 1"),
@@ -567,7 +566,7 @@ DEFAULTS = {  # conf/loss/<name>.yaml -> the class and the suites' defaults it m
                                        "T": 4.0}),
     "fsp": (FlowOfSolutionProcedure, {"init_epochs": 30, "ce_weight": 1.0, "distill_weight": 0.0}),
 }
-JOB = ["debug=tiny", "data=synthetic", "data.limit_train=128", "data.limit_test=64", "model=resnet8",
+JOB = ["debug=tiny", "data.limit_train=128", "data.limit_test=64", "model=resnet8",
        "teacher=resnet20", "device=cpu", "epochs=2", "batch_size=64", "teacher.batch_size=64", "optimizer=sgd",
        "optimizer.lr=0.05"]
 JOBS = {  # loss overrides -> the parts it must log (FSP: epoch 1 its init stage, epoch 2 the classifier)
@@ -581,16 +580,14 @@ JOBS = {  # loss overrides -> the parts it must log (FSP: epoch 1 its init stage
 }
 
 
-def compose_job(store: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[*JOB, f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
-                                            f"cache.dir={store / 'cache'}", *overrides])
+def job_config(store: Path, *overrides: str):
+    return compose_job(store, *JOB, *overrides)
 
 
 @pytest.mark.parametrize("name", list(DEFAULTS))
-def test_config_file_builds_the_defaults(tmp_path, name):
+def test_config_file_builds_the_defaults(name):
     cls, expected = DEFAULTS[name]
-    node = compose_job(tmp_path, f"loss={name}").loss
+    node = compose_config(f"loss={name}").loss
     assert node.name == name and set(node) - {"name", "_target_"} == set(expected)  # every option a loss.<key>
     loss = build(node, "loss")
     assert type(loss) is cls
@@ -605,8 +602,8 @@ def store(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", list(JOBS))
 def test_method_trains_logs_its_parts_and_resumes_exactly(store, name):
     overrides, logged = JOBS[name]
-    job = run_job(compose_job(store, *overrides), store / name)
-    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    job = run_job(job_config(store, *overrides), store / name)
+    client = mlflow_client(store)
     run = client.get_run(job.run_id)
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
@@ -614,7 +611,7 @@ def test_method_trains_logs_its_parts_and_resumes_exactly(store, name):
     assert all(math.isfinite(metrics[f"train/{part}"]) for part in logged)
 
     if name == "fsp":  # the init stage (epoch 1) left the classifier exactly as initialised; epoch 2 trained it
-        cfg = compose_job(store, *overrides)
+        cfg = job_config(store, *overrides)
         seed_everything(cfg.seed)
         initial = build(cfg.model, "model").state_dict()
         after_init = load_checkpoint(store / name / "checkpoints" / "epoch_0001.pt")["model"]
@@ -627,7 +624,7 @@ def test_method_trains_logs_its_parts_and_resumes_exactly(store, name):
     (interrupted / "checkpoints").mkdir(parents=True)
     shutil.copy(store / name / "checkpoints" / "epoch_0001.pt", interrupted / "checkpoints")
     client.set_terminated(job.run_id, "KILLED")  # as a stopped job leaves it (a FINISHED run is never reopened)
-    resumed = run_job(compose_job(store, *overrides, f"resume={interrupted}"), store / f"{name}-unused")
+    resumed = run_job(job_config(store, *overrides, f"resume={interrupted}"), store / f"{name}-unused")
     done, again = load_checkpoint(job.checkpoint), load_checkpoint(resumed.checkpoint)
     for section in ("model", "loss"):
         assert done[section].keys() == again[section].keys()
@@ -641,14 +638,14 @@ def test_method_trains_logs_its_parts_and_resumes_exactly(store, name):
 
 
 def test_a_pair_the_loss_cannot_serve_is_refused_before_training(store):
-    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    client = mlflow_client(store)
 
     def runs():
         return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
     before = len(runs())
     with pytest.raises(KDResearchError) as raised:
-        run_job(compose_job(store, "loss=sp", "loss.stage=3"), store / "refused")
+        run_job(job_config(store, "loss=sp", "loss.stage=3"), store / "refused")
     message = one_line(raised)
     assert message.startswith("loss=sp: loss.stage=3 is out of range (the student has 3 stages, the teacher 3)")
     assert "student resnet8 (stages 16x32x32" in message and "teacher resnet20 (stages 16x32x32" in message

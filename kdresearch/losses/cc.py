@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdresearch.errors import KDResearchError
+from kdresearch.config import validators
 from kdresearch.losses.base import WeightedDistillation
 from kdresearch.losses.relations import computed_in_float32
 
@@ -55,9 +55,7 @@ class CorrelationCongruence(WeightedDistillation):
 
     def __init__(self, feat_dim: int = 128, ce_weight: float = 1.0, distill_weight: float = 0.02):
         super().__init__(ce_weight, distill_weight)
-        if isinstance(feat_dim, bool) or not isinstance(feat_dim, int) or feat_dim < 1:
-            raise KDResearchError(f"loss.feat_dim must be an integer >= 1, got {feat_dim!r}")
-        self.feat_dim = feat_dim
+        self.feat_dim = validators.integer("loss.feat_dim", feat_dim, at_least=1)
         self.head_student: Optional[nn.Linear] = None
         self.head_teacher: Optional[nn.Linear] = None
 

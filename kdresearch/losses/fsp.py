@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
+from kdresearch.config import validators
 from kdresearch.errors import KDResearchError
 from kdresearch.losses.at import pool_to_common_size
 from kdresearch.losses.base import WeightedDistillation, pair_error
@@ -73,9 +74,7 @@ class FlowOfSolutionProcedure(WeightedDistillation):
 
     def __init__(self, init_epochs: int = 30, ce_weight: float = 1.0, distill_weight: float = 0.0):
         super().__init__(ce_weight, distill_weight)
-        if isinstance(init_epochs, bool) or not isinstance(init_epochs, int) or init_epochs < 0:
-            raise KDResearchError(f"loss.init_epochs must be an integer >= 0, got {init_epochs!r}")
-        self.init_epochs = init_epochs
+        self.init_epochs = validators.integer("loss.init_epochs", init_epochs, at_least=0)
 
     def bind(self, student, teacher, *, train_size=0):
         super().bind(student, teacher, train_size=train_size)

@@ -31,9 +31,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdresearch.losses.base import WeightedDistillation, number
+from kdresearch.config import validators
+from kdresearch.losses.base import WeightedDistillation, number, temperature
 from kdresearch.losses.kd import soft_target_kd
-from kdresearch.losses.relations import computed_in_float32, normalised_gram, paired_stage, stage_option
+from kdresearch.losses.relations import computed_in_float32, normalised_gram, paired_stage
 from kdresearch.models import stage_field
 
 
@@ -71,9 +72,9 @@ class InterChannelCorrelation(WeightedDistillation):
     def __init__(self, stage: int = -1, ce_weight: float = 1.0, distill_weight: float = 2.5,
                  kd_weight: float = 0.0, T: float = 4.0):
         super().__init__(ce_weight, distill_weight)
-        self.stage = stage_option(stage)
+        self.stage = validators.integer("loss.stage", stage, note="a stage index")
         self.kd_weight = number("loss.kd_weight", kd_weight)
-        self.T = number("loss.T", T, positive=True)
+        self.T = temperature("loss.T", T)
         self.student_stage = self.teacher_stage = None
         self.embedding: Optional[ChannelEmbedding] = None
 

@@ -10,7 +10,6 @@ import functools
 import torch
 from torch.nn import functional as F
 
-from kdresearch.errors import KDResearchError
 from kdresearch.losses.base import pair_error
 from kdresearch.losses.fitnet import resolve_stage
 from kdresearch.models import Network
@@ -59,13 +58,6 @@ def normalised_gram(x: torch.Tensor) -> torch.Tensor:
     all-zero row at 0, not NaN). SP's sample-by-sample matrix for x (N, D), ICKD's channel-by-channel
     matrices for x (N, C, H*W)."""
     return F.normalize(x @ x.transpose(-1, -2), p=2.0, dim=-1)
-
-
-def stage_option(value) -> int:
-    """A user-typed `loss.stage` (Hydra passes strings and floats through)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise KDResearchError(f"loss.stage must be an integer (a stage index), got {value!r}")
-    return value
 
 
 def paired_stage(loss_name: str, stage: int, student: Network, teacher: Network) -> tuple[int, int]:

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import torch
 
+from kdresearch.config import validators
 from kdresearch.losses.base import WeightedDistillation
-from kdresearch.losses.relations import computed_in_float32, normalised_gram, paired_stage, stage_option
+from kdresearch.losses.relations import computed_in_float32, normalised_gram, paired_stage
 from kdresearch.models import stage_field
 
 
@@ -51,7 +52,7 @@ class SimilarityPreserving(WeightedDistillation):
 
     def __init__(self, stage: int = -1, ce_weight: float = 1.0, distill_weight: float = 3000.0):
         super().__init__(ce_weight, distill_weight)
-        self.stage = stage_option(stage)
+        self.stage = validators.integer("loss.stage", stage, note="a stage index")
         self.student_stage = self.teacher_stage = None
 
     def bind(self, student, teacher, *, train_size=0):
