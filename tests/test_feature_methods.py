@@ -624,6 +624,7 @@ def test_method_trains_logs_its_parts_and_resumes_exactly(store, name):
     (interrupted / "checkpoints").mkdir(parents=True)
     shutil.copy(store / name / "checkpoints" / "epoch_0001.pt", interrupted / "checkpoints")
     client.set_terminated(job.run_id, "KILLED")  # as a stopped job leaves it (a FINISHED run is never reopened)
+    client.set_terminated(job.run_id, "KILLED")  # as a stopped job leaves it (a FINISHED run is never reopened)
     resumed = run_job(job_config(store, *overrides, f"resume={interrupted}"), store / f"{name}-unused")
     done, again = load_checkpoint(job.checkpoint), load_checkpoint(resumed.checkpoint)
     for section in ("model", "loss"):

@@ -55,6 +55,7 @@ def test_method_trains_and_resumes_exactly(store, method):
     interrupted = store / f"{method}-interrupted"
     (interrupted / "checkpoints").mkdir(parents=True)
     shutil.copy(store / method / "checkpoints" / "epoch_0001.pt", interrupted / "checkpoints")
+    client.set_terminated(job.run_id, "KILLED")  # as a stopped job leaves it (a FINISHED run is never reopened)
     resumed = run_job(compose_job(store, *overrides, f"resume={interrupted}"), store / "unused")
     done, again = load_checkpoint(job.checkpoint), load_checkpoint(resumed.checkpoint)
     for section in ("model", "loss"):

@@ -49,6 +49,8 @@ def test_model_trains_logs_and_resumes(tmp_path, model):
     interrupted = tmp_path / "interrupted"
     (interrupted / "checkpoints").mkdir(parents=True)
     shutil.copy(tmp_path / "job" / "checkpoints" / "epoch_0001.pt", interrupted / "checkpoints")
+    # Its run as a stopped job leaves it (a FINISHED run is never reopened).
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").set_terminated(job.run_id, "KILLED")
     resumed = run_job(compose_job(tmp_path, f"model={model}", f"resume={interrupted}"), tmp_path / "unused")
     assert resumed.run_id == job.run_id
     done, again = load_checkpoint(job.checkpoint), load_checkpoint(resumed.checkpoint)

@@ -498,6 +498,7 @@ def test_method_trains_logs_its_parts_and_resumes_exactly(job_store, method):
     interrupted = job_store / f"{method}-interrupted"
     (interrupted / "checkpoints").mkdir(parents=True)
     shutil.copy(job_store / method / "checkpoints" / "epoch_0001.pt", interrupted / "checkpoints")
+    client.set_terminated(job.run_id, "KILLED")  # as a stopped job leaves it (a FINISHED run is never reopened)
     resumed = run_job(compose_job(job_store, f"loss={method}", f"resume={interrupted}"), job_store / "unused")
     done, again = load_checkpoint(job.checkpoint), load_checkpoint(resumed.checkpoint)
     for section in ("model", "loss"):

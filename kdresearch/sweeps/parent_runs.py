@@ -13,7 +13,8 @@ Jobs find their parent without any launcher's help: the parent's id is written t
 `<sweep folder>/mlflow_parent_run.json` (read by jobs of a Hydra sweep, on any machine that sees
 the folder) and exported as KDRESEARCH_PARENT_RUN_ID (inherited by child processes, e.g. the jobs
 of a reproduction and the teacher a job trains for itself). Running a sweep again in the same
-folder (`hydra.sweep.dir=<old folder>`) reopens the same parent.
+folder (`hydra.sweep.dir=<old folder>`) reopens the same parent; another sweep is refused in
+that folder (`check_one_sweep`).
 
 The parent records the sweep's overrides (param `overrides` and one `sweep.<key>` param per
 override, the search space `search.<key>` for an Optuna search), its group's summary (the
@@ -38,8 +39,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from kdresearch.errors import KDResearchError
-from kdresearch.tracking.store import Tracker, recordable_key
 from kdresearch.tracking import names
+from kdresearch.tracking.store import Tracker, recordable_key
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,39 @@ def recorded_parent(folder: Path) -> Optional[str]:
         raise KDResearchError(f"{path} is not a parent-run record (no \"run_id\" text); fix it, or delete it to "
                               f"open a new parent run for this sweep folder")
     return run_id
+
+
+def check_one_sweep(tracker: Tracker, folder: Path, overrides: Sequence[str]) -> None:
+    """One sweep folder holds one sweep. Hydra numbers a multirun's jobs from 0 (job folders
+    `<folder>/0`, `/1`, ...), so another sweep started in the folder of an earlier one would
+    overwrite that one's job folders (checkpoints, .hydra, logs) and share its parent run: refused
+    in one line before any job starts, as is a folder whose parent run is gone (deleted, or in
+    another store) or unrecorded. The same sweep run again (its overrides, in any order) continues."""
+    from mlflow.exceptions import MlflowException
+
+    previous = recorded_parent(folder)
+    if previous is None:
+        jobs = sorted(path.name for path in folder.iterdir() if path.is_dir() and path.name.isdigit()) \
+            if folder.is_dir() else []
+        if jobs:
+            raise KDResearchError(f"hydra.sweep.dir={folder} holds the job folders {', '.join(jobs[:3])}"
+                                  f"{', ...' if len(jobs) > 3 else ''} of a sweep but no {PARENT_FILE}; give this "
+                                  f"sweep another hydra.sweep.dir")
+        return
+    try:
+        parent = tracker.client.get_run(previous)
+    except MlflowException:
+        raise KDResearchError(f"hydra.sweep.dir={folder}: its sweep's parent MLflow run {previous} is not in "
+                              f"{tracker.uri}; give the tracking.uri that sweep was tracked in, or give this sweep "
+                              f"another hydra.sweep.dir") from None
+    if parent.info.lifecycle_stage == "deleted":
+        raise KDResearchError(f"hydra.sweep.dir={folder}: its sweep's parent MLflow run {previous} was deleted from "
+                              f"{tracker.uri}; restore it (MLFLOW_TRACKING_URI={tracker.uri} mlflow runs restore "
+                              f"--run-id {previous}) to continue that sweep, or give this one another hydra.sweep.dir")
+    earlier = parent.data.tags.get(names.OVERRIDES, "")
+    if sorted(earlier.split()) != sorted(" ".join(overrides).split()):
+        raise KDResearchError(f"hydra.sweep.dir={folder} holds another sweep (overrides '{earlier}'); run it again "
+                              f"with those overrides to continue it, or give this sweep another hydra.sweep.dir")
 
 
 def open_parent(tracker: Tracker, folder: Path, name: str, tags: Mapping[str, str],
@@ -218,8 +252,9 @@ class SweepParentRun(Callback):
                 "sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).rsplit(".", 1)[-1],
                 "launcher": str(OmegaConf.select(config, "hydra.launcher._target_", default="")).rsplit(".", 1)[-1]}
         name = "sweep-" + "_".join(folder.parts[-2:])
-        try:  # an unusable store or a damaged parent record stops the sweep here, before any job
+        try:  # an unusable store, a damaged parent record or another sweep's folder stops it here, before any job
             self.tracker = Tracker(config.tracking.uri, config.tracking.experiment)
+            check_one_sweep(self.tracker, folder, overrides)
             self.run_id = open_parent(self.tracker, folder, name, tags, params)
         except KDResearchError as error:
             raise SystemExit(f"error: {error}") from None

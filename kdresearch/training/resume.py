@@ -68,11 +68,10 @@ class JobStart:
 
 
 class NoCompleteCheckpoint(KDResearchError):
-    """The job folder holds no checkpoint that loads."""
+    """The job folder holds no checkpoint that loads (then `job_start` decides what to do)."""
 
     def __init__(self, spec: str, folder: Path):
-        super().__init__(f"resume={spec}: no complete checkpoint in {JobFolder(folder).checkpoints} (the job ended "
-                         f"before its first epoch finished); start it again without resume")
+        super().__init__(f"resume={spec}: no complete checkpoint in {JobFolder(folder).checkpoints}")
         self.folder = folder
 
 
@@ -157,7 +156,7 @@ def _from_checkpoint(point: ResumePoint, identity: dict, tracker) -> JobStart:
 
 def _started_again(spec: str, missing: NoCompleteCheckpoint, identity: dict, tracker) -> JobStart:
     """The folder holds no complete checkpoint: train the job again from epoch 1 in it, when MLflow
-    or the folder shows that this job was started there; else refuse as `missing` says."""
+    or the folder shows that this job was started there; else refuse."""
     folder = JobFolder(missing.folder)
     runs = runs_in(folder, tracker)
     if runs:
@@ -179,7 +178,8 @@ def _started_again(spec: str, missing: NoCompleteCheckpoint, identity: dict, tra
         log.info("resume: %s was stopped while training its teacher; continuing the teacher, then the student",
                  folder.path)
         return JobStart(folder.path)
-    raise missing
+    raise KDResearchError(f"{missing}, and no MLflow run in {tracker.uri} trained in {folder.path}; start the job "
+                          f"without resume")
 
 
 def _finished(run_id: str, folder: Path) -> JobStart:
