@@ -8,7 +8,7 @@ Hydra sweeper optimises (kdresearch.training.result.objective).
     data                 the splits and their fingerprint
     where it starts      afresh, from a checkpoint, again from epoch 1, or not at all (training.resume)
     student and loss     built and bound to the pair (bind_pair)
-    teacher              found, trained or loaded, its outputs ready (teacher.provider)
+    teacher              found, trained or loaded, its outputs ready (teacher_for: teacher.provider)
     resumed              the optimizer, schedule and RNG state of the checkpoint (Training.restore)
     run opened           a new MLflow run, or the continued one reopened (open_run, log_start)
     epochs               batches, loop, checkpoint, metrics (Training.run_epochs)
@@ -80,7 +80,7 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
     """Train one job as one MLflow run, step by step (the module docstring); `overrides` are the
     command-line overrides to record and `sweep` names the multirun the job belongs to (tag
     `sweep`, for filtering in compare.py and the UI)."""
-    job = Job(cfg, overrides, sweep)
+    job = Job(cfg, overrides, sweep)  # config checked, runtime, tracking
     data: Dataset = build(cfg.data, "data")
     fingerprint = data.fingerprint()
     identity = config_identity(cfg, fingerprint)
@@ -90,16 +90,11 @@ def run_job(cfg: DictConfig, output_dir: Path, overrides: tuple[str, ...] = (),
         return resume.finished_result(job.tracker, start.finished_run_id)
     folder = JobFolder(start.output_dir)
     pair = bind_pair(cfg, data)
-    teacher = None
-    if pair.teacher is not None:
-        pinned = start.point.checkpoint.get("teacher_run_id") if start.point else None
-        teacher = provide_teacher(cfg, pair.teacher, pair.loss_fn.teacher_fields, data, fingerprint, job.tracker,
-                                  folder, job.runtime.world, job.runtime.device, job.runtime.memory_format,
-                                  job.augment_seed, pinned, train_job=run_job)
-    training = Training(job, pair, data, teacher, identity)
+    teacher = teacher_for(job, pair, data, fingerprint, folder, start.point)
+    training = Training(job, pair, data, teacher, identity)  # optimizer, schedule, batches
     first_epoch = training.restore(start.point)
     tracked = open_run(job, start, folder, training, data, fingerprint, identity)
-    with tracked:
+    with tracked:  # the run ends FINISHED, or FAILED / KILLED on an error or a stop
         log_start(job, tracked, training, resumed=start.point is not None)
         state = training.run_epochs(tracked, first_epoch, folder, start.point)
         final = finish(job, tracked, training, state, folder)
@@ -178,6 +173,21 @@ def bind_pair(cfg: DictConfig, data: Dataset) -> Pair:
             teacher = build(cfg.teacher.model, "teacher.model")
     loss_fn.bind(student, teacher, train_size=data.train_size)
     return Pair(student, loss_fn, teacher)
+
+
+# --- teacher found, trained or loaded -------------------------------------------------------------
+
+def teacher_for(job: Job, pair: Pair, data: Dataset, fingerprint: str, folder: JobFolder,
+                point: Optional[resume.ResumePoint]) -> Optional[TeacherInUse]:
+    """The teacher of a loss that needs one (kdresearch.teacher.provider); a resumed job keeps the
+    teacher its checkpoint names. An automatic teacher trains as a job of its own (`run_job`)."""
+    if pair.teacher is None:
+        return None
+    pinned = point.checkpoint.get("teacher_run_id") if point else None
+    runtime = job.runtime
+    return provide_teacher(job.cfg, pair.teacher, pair.loss_fn.teacher_fields, data, fingerprint, job.tracker,
+                           folder, runtime.world, runtime.device, runtime.memory_format, job.augment_seed, pinned,
+                           train_job=run_job)
 
 
 # --- resumed, epochs ------------------------------------------------------------------------------
