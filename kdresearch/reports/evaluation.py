@@ -40,6 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kdresearch.config import validators
 from kdresearch.config.flat import flatten
 from kdresearch.errors import KDResearchError, first_line
 from kdresearch.layout import CONF_DIR
@@ -333,8 +334,7 @@ def tracking_config(overrides: Sequence[str], parsed: Sequence) -> DictConfig:
     """`tracking` as conf and the `tracking.*` overrides give it (needed before the checkpoint is read)."""
     mine = [text for text, override in zip(overrides, parsed) if override.key_or_group.startswith("tracking.")]
     tracking = compose(mine).tracking
-    if not isinstance(tracking.experiment, str) or not tracking.experiment.strip():
-        raise KDResearchError(f"tracking.experiment must be a non-empty name, got {tracking.experiment!r}")
+    validators.name("tracking.experiment", tracking.experiment)
     return tracking
 
 
