@@ -9,7 +9,8 @@ is called from here: `devices.check_options` (device.*), `schedules.check_option
 teacher.scheduler.*), the data checks of `kdresearch.data` (data.*). The groups whose constructors
 check their own options are then built once, on a stand-in parameter: the loss (every loss checks
 its hyperparameters), the optimizers (torch's own value rules, e.g. Nesterov needs momentum) and the
-schedules (an option no schedule takes). That costs milliseconds; data, models and runs come later.
+schedules (an option no schedule takes). That costs milliseconds besides imports the job needs
+anyway; data, models and runs come later.
 """
 
 from __future__ import annotations
