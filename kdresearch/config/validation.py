@@ -27,7 +27,7 @@ from kdresearch.config.groups import build
 from kdresearch.config.validators import integer, name, number, switch
 from kdresearch.data import synthetic
 from kdresearch.data.splits import check_limit, check_normalisation, check_num_classes
-from kdresearch.errors import KDResearchError
+from kdresearch.errors import KDResearchError, first_line
 from kdresearch.losses.base import temperature
 from kdresearch.runtime import devices
 
@@ -59,7 +59,7 @@ def check_config(cfg: DictConfig) -> None:
     try:
         tree = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as error:  # e.g. T='${nope}'
-        raise KDResearchError(f"config: {str(error).splitlines()[0]}") from None
+        raise KDResearchError(f"config: {first_line(error)}") from None
     check_group_nodes(tree)
     flat = flatten(tree)
     check_job_keys(flat)

@@ -61,7 +61,7 @@ from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState, create_trial
 
 from kdresearch.config.validators import integer, number
-from kdresearch.errors import KDResearchError
+from kdresearch.errors import KDResearchError, first_line
 from kdresearch.tracking import names
 from kdresearch.training.result import objective
 
@@ -225,7 +225,7 @@ def search_space(params: Optional[Mapping], legacy_space: Optional[Mapping],
         try:
             distributions, values = create_params_from_overrides([override])
         except (ValueError, HydraException) as error:
-            raise KDResearchError(f"search {override}: {str(error).strip().splitlines()[0]}") from None
+            raise KDResearchError(f"search {override}: {first_line(error)}") from None
         space.update(distributions)
         fixed.update(values)
     for key in fixed:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional
 
-from kdresearch.errors import KDResearchError
+from kdresearch.errors import KDResearchError, first_line
 
 if TYPE_CHECKING:
     from kdresearch.tracking.store import Tracker
@@ -230,7 +230,7 @@ class TrackedRun:
                 version = self.tracker.mlflow.register_model(info.model_uri, registered_model_name)
                 self.set_tags({"registered_model": f"{registered_model_name}/{version.version}"})
             except Exception as error:  # the registry may live elsewhere (MLFLOW_REGISTRY_URI) and be down
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                reason = first_line(error)
                 log.warning("model not registered as %s: %s", registered_model_name, reason)
                 self.set_tags({"registered_model_error": reason[:5000]})
         return info

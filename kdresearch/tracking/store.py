@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from kdresearch.errors import KDResearchError
+from kdresearch.errors import KDResearchError, first_line
 from kdresearch.layout import PROJECT_ROOT
 from kdresearch.runtime.locks import InterruptibleLock
 from kdresearch.tracking import names
@@ -165,8 +165,7 @@ class Tracker:
                 raise full from None
             if isinstance(error, OSError):
                 raise
-            first_line = str(error.message).strip().splitlines()[0] if str(error.message).strip() else type(error)
-            raise KDResearchError(f"MLflow store {self.uri} cannot be used: {first_line}") from None
+            raise KDResearchError(f"MLflow store {self.uri} cannot be used: {first_line(error)}") from None
 
     def full_disk_error(self, error: BaseException, then: str) -> Optional[KDResearchError]:
         """One line naming the store and its full disk when `error` means the disk is full (see
