@@ -24,7 +24,12 @@ import sys
 from pathlib import Path
 
 from kdresearch.errors import KDResearchError
-from kdresearch.pipelines.speed_benchmark import DATA_CHOICES, DEFAULT_REAL, Settings, run_benchmark
+from kdresearch.pipelines.speed_benchmark import (
+    DATA_CHOICES,
+    DEFAULT_REAL,
+    Settings,
+    run_benchmark,
+)
 
 
 def main(argv=None) -> None:

@@ -7,7 +7,7 @@ Examples (from the project folder):
   python scripts/compare.py --tag role=student                # tag filters (repeatable, AND)
   python scripts/compare.py --filter "params.epochs = '10'"   # any MLflow filter string
   python scripts/compare.py --run-ids 3f2a... 9be1...
-The logic lives in kdresearch/compare.py.
+The logic lives in kdresearch/reports/compare.py.
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             "Rows: runs of one configuration (all params but the seed) are one row, mean ± std over their "
             "seeds; the newest run counts when a configuration and seed were run twice. 'Δ vs student CE' "
             "is the difference of the mean final test/acc to the student trained with cross-entropy on the "
-            "same data and epochs, over the same seeds. A student whose first_layer_norm at step 0 differs "
-            "from the baseline's is marked UNFAIR (it did not start from the same weights)."
+            "same data and epochs, with its 95 % confidence interval and the t-test's p-value: paired by seed "
+            "when the baseline has a run of every seed of the row, else Welch's unpaired test; 'Δ vs KD' the "
+            "same to the student trained with KD. Fewer than 3 seeds are marked. A student whose "
+            "first_layer_norm at step 0 differs from the baseline's is marked UNFAIR (it did not start from "
+            "the same weights)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -51,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     table.add_argument("--per-run", action="store_true", help="one row per run instead of per configuration")
     table.add_argument("--baseline", metavar="LABEL|RUN_NAME|RUN_ID",
                        help="the row to compute differences to (default: the student trained with CE)")
+    table.add_argument("--kd-reference", metavar="LABEL|RUN_NAME|RUN_ID",
+                       help="the row of the 'Δ vs KD' columns (default: the student trained with loss=kd)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--tracking-uri", default=None,
@@ -87,7 +92,8 @@ def main(argv=None) -> int:
         selection = {"experiment": args.experiment, "sweep": args.sweep, "tags": " ".join(args.tag),
                      "filter": args.filter_string, "run_ids": " ".join(args.run_ids)}
         result = compare(tracker, runs, args.out or Path("outputs") / "comparisons" / name, name=name,
-                         per_run=args.per_run, baseline=args.baseline, log_summary=not args.no_log,
+                         per_run=args.per_run, baseline=args.baseline, kd_reference=args.kd_reference,
+                         log_summary=not args.no_log,
                          selection=selection)
     except KDResearchError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -251,6 +251,22 @@ def train_in_process(store: Path, *overrides: str, fresh_store: bool = False, sw
                         result, time.perf_counter() - started)
 
 
+def train_command_in_process(command: list[str]) -> int:
+    """A pipeline's job process run in this process instead (tests replace
+    `kdresearch.pipelines.jobs.run_to_end` with it): the `python -m kdresearch.train <overrides>`
+    job trained in the folder its `hydra.run.dir=` names, recording the overrides a process would.
+    Returns the exit status, 0 (a failing job raises)."""
+    from kdresearch.layout import train_command
+    from kdresearch.training.job import run_job
+
+    overrides = command[len(train_command()):]
+    folder = next(item.partition("=")[2] for item in overrides if item.startswith("hydra.run.dir="))
+    recorded = [item for item in overrides if not item.startswith("hydra.")]
+    with _job_state():
+        run_job(compose_config(*recorded), Path(folder), overrides=tuple(recorded))
+    return 0
+
+
 def check_ok(done):
     """Fail with the job's own output when it did not exit 0."""
     assert done.returncode == 0, describe(done)

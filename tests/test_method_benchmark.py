@@ -7,15 +7,12 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, mlflow_client, tracking_uri
-from hydra import compose, initialize_config_dir
+from conftest import mlflow_client, tracking_uri, train_command_in_process
 
 import kdresearch.pipelines.method_benchmark as method_benchmark
 from kdresearch.errors import KDResearchError
-from kdresearch.layout import train_command
 from kdresearch.pipelines import jobs as jobs_module
 from kdresearch.tracking.store import metric_history
-from kdresearch.training.job import run_job
 
 PAIR = "cifar100_res56_res20"
 # The pair's models on tiny synthetic data; one epoch for student and teacher.
@@ -37,16 +34,7 @@ def test_plan_orders_student_alone_then_methods_per_seed():
 def test_benchmark_table_holds_mlflow_numbers(tmp_path, monkeypatch):
     overrides = [*TINY, f"tracking.uri={tracking_uri(tmp_path)}", f"cache.dir={tmp_path / 'cache'}"]
 
-    def train_in_process(command):
-        """The job's command trained in this process, in its job folder; its runs are then found by that folder."""
-        overrides = command[len(train_command()):]
-        folder = next(item.partition("=")[2] for item in overrides if item.startswith("hydra.run.dir="))
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=[item for item in overrides if not item.startswith("hydra.")])
-        run_job(cfg, Path(folder))
-        return 0
-
-    monkeypatch.setattr(jobs_module, "run_to_end", train_in_process)
+    monkeypatch.setattr(jobs_module, "run_to_end", train_command_in_process)
     result = method_benchmark.benchmark([PAIR], ["kd", "dkd"], [1, 2], overrides, out=tmp_path / "bench")
     client = mlflow_client(tmp_path)
     table = result.table

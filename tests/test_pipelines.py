@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, compose_config, mlflow_client, new_store, tracking_uri
+from conftest import (
+    FAST,
+    mlflow_client,
+    new_store,
+    tracking_uri,
+    train_command_in_process,
+)
 from processes import REPO_ROOT, wait_until
 
 import kdresearch.pipelines.method_benchmark as method_benchmark
@@ -22,7 +28,6 @@ from kdresearch.pipelines.jobs import PlannedJob, run_job_process, runs_of_job_f
 from kdresearch.runtime.processes import child_env, run_to_end
 from kdresearch.sweeps.parent_runs import PARENT_ENV
 from kdresearch.tracking.store import Tracker
-from kdresearch.training.job import run_job
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import benchmark_methods  # noqa: E402  (the script's entry point)
@@ -99,15 +104,6 @@ def test_runs_of_a_job_folder_are_its_teachers_then_its_own_since_it_started(tmp
     assert runs_of_job_folder(tracker, folder, ended_since_ms=1000) == [teacher, own, running]
 
 
-def train_in_process(command: list[str]) -> int:
-    """What `python -m kdresearch.train <overrides>` does, in this process: the job trained in the
-    folder its hydra.run.dir names."""
-    overrides = command[len(train_command()):]
-    folder = next(item.partition("=")[2] for item in overrides if item.startswith("hydra.run.dir="))
-    run_job(compose_config(*[item for item in overrides if not item.startswith("hydra.")]), Path(folder))
-    return 0
-
-
 def test_a_kd_job_process_returns_its_teachers_run_then_its_own(tmp_path, monkeypatch):
     store = new_store(tmp_path / "store")
     folder = tmp_path / "kd-job"
@@ -115,7 +111,7 @@ def test_a_kd_job_process_returns_its_teachers_run_then_its_own(tmp_path, monkey
                  f"cache.dir={store / 'cache'}", f"hydra.run.dir={folder}"]
     job = PlannedJob("kd", 1, str(folder), overrides)
     assert job.command == [*train_command(), *overrides]
-    monkeypatch.setattr(jobs, "run_to_end", train_in_process)
+    monkeypatch.setattr(jobs, "run_to_end", train_command_in_process)
     tracker = Tracker(tracking_uri(store), "kdresearch")
 
     teacher, student = run_job_process(job, 1, 1, tracker)  # the automatic teacher, then the student
@@ -123,10 +119,6 @@ def test_a_kd_job_process_returns_its_teachers_run_then_its_own(tmp_path, monkey
     client = mlflow_client(store)
     assert client.get_run(teacher).data.tags["output_dir"] == str((folder / "teacher").resolve())
     assert client.get_run(student).data.tags["teacher_run_id"] == teacher
-
-    # Run again in the same folder: only the new student run is this job's (the teacher is reused).
-    (again,) = run_job_process(job, 1, 1, tracker)
-    assert again not in (teacher, student) and client.get_run(again).data.tags["teacher_run_id"] == teacher
 
 
 def test_a_failed_job_process_is_one_line_and_its_parent_run_does_not_stay_running(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import train_command_in_process
 from mlflow.tracking import MlflowClient
 
 from kdresearch.errors import KDResearchError
@@ -19,11 +19,11 @@ from kdresearch.pipelines.jobs import override_value
 from kdresearch.pipelines.reproduce import TUTORIAL_JOBS, plan, reproduce
 from kdresearch.reports.compare import select_runs
 from kdresearch.tracking.store import Tracker
-from kdresearch.training.job import run_job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "reproduce_tutorial.py"
-SMALL = ["data=synthetic", "epochs=1", "data.limit_train=128", "data.limit_test=100", "device=cpu"]
+SMALL = ["data=synthetic", "epochs=1", "data.limit_train=128", "data.limit_test=100", "device=cpu",
+         "tracking.log_model=false"]  # the MLflow model export costs seconds per job and is not what this tests
 NAMES = ["deep-ce", "light-ce", "light-kd-T2", "light-cosine", "light-regressor"]
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -70,21 +70,10 @@ def test_dry_run_prints_the_commands(capsys):
 
 def test_reproduce_tags_and_compares_its_runs(tmp_path, monkeypatch):
     """The orchestration with the jobs trained in-process instead of as subprocesses."""
-    conf = REPO_ROOT / "conf"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = SMALL + [f"tracking.uri={uri}", f"cache.dir={tmp_path / 'cache'}"]
 
-    def train_in_process(command):
-        """The job's command trained in this process, in its job folder; its runs are then found by that folder."""
-        overrides = command[len(train_command()):]
-        folder = next(item.partition("=")[2] for item in overrides if item.startswith("hydra.run.dir="))
-        job_overrides = [item for item in overrides if not item.startswith("hydra.")]
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = compose("config", overrides=job_overrides)
-        run_job(cfg, Path(folder), overrides=tuple(job_overrides))
-        return 0
-
-    monkeypatch.setattr(jobs_module, "run_to_end", train_in_process)
+    monkeypatch.setattr(jobs_module, "run_to_end", train_command_in_process)
     out = tmp_path / "repro"
     result = reproduce(overrides, out=out)
     assert result.warnings == []
