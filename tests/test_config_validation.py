@@ -326,3 +326,12 @@ def test_config_errors_in_a_multirun_are_one_line_per_job_and_fail_the_sweep(tmp
     (parent,) = experiment_runs(mlflow_client(store))
     assert parent.data.tags["role"] == "sweep" and parent.info.status == "FAILED"
     assert json.loads((tmp_path / "sweep" / parent_runs.PARENT_FILE).read_text())["run_id"] == parent.info.run_id
+
+
+def test_a_loss_that_cannot_fit_the_epochs_is_refused_by_the_config_checks():
+    # FSP's init stage (30 epochs by default) would fill debug=tiny's one epoch: refused before
+    # anything starts, not at the first training step after the teacher trained.
+    assert refusal("debug=tiny", "data=synthetic", "loss=fsp") == (
+        "loss=fsp: loss.init_epochs=30 leaves none of the 1 epochs to train the classifier; "
+        "set epochs above 30 or lower loss.init_epochs")
+    check_config(compose_config("debug=tiny", "data=synthetic", "loss=fsp", "loss.init_epochs=0"))

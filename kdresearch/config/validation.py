@@ -172,9 +172,9 @@ def check_optimizer(optimizer: dict, key: str) -> None:
 
 
 def build_on_stand_ins(cfg: DictConfig) -> None:
-    """Build the loss, and each optimizer and schedule on one stand-in parameter, so that the
-    checks their constructors make run now (their errors name the group: `teacher.optimizer: ...`)."""
-    build(cfg.loss, "loss")
+    """Build the loss (and check it fits the job's epochs), and each optimizer and schedule on one
+    stand-in parameter, so that the checks their constructors make run now (their errors name the group: `teacher.optimizer: ...`)."""
+    build(cfg.loss, "loss").check_epochs(cfg.epochs)
     for prefix, epochs in (("", cfg.epochs), ("teacher.", cfg.teacher.epochs)):
         optimizer = build(OmegaConf.select(cfg, f"{prefix}optimizer"), f"{prefix}optimizer",
                           [torch.nn.Parameter(torch.zeros(1))])

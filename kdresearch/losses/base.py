@@ -84,6 +84,10 @@ class TrainingLoss(nn.Module):
             raise pair_error(self.loss_name(), f"teacher and student need the same classes "
                              f"({teacher.num_classes} vs {student.num_classes})", student, teacher)
 
+    def check_epochs(self, epochs: int) -> None:
+        """Refuse a job length this loss cannot train (e.g. one its init stage fills); called with
+        the config checks, before anything starts. Most losses fit any length."""
+
     def loss_name(self) -> str:
         return type(self).__name__
 

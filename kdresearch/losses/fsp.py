@@ -95,14 +95,17 @@ class FlowOfSolutionProcedure(WeightedDistillation):
     def distillation_term(self, student, teacher, progress=None):
         return flow_of_solution_procedure(student.stages, teacher.stages)
 
+    def check_epochs(self, epochs: int) -> None:
+        if epochs <= self.init_epochs:
+            raise KDResearchError(f"loss=fsp: loss.init_epochs={self.init_epochs} leaves none of the "
+                                  f"{epochs} epochs to train the classifier; set epochs above "
+                                  f"{self.init_epochs} or lower loss.init_epochs")
+
     def forward(self, student, teacher, labels, progress=None):
         if progress is None:
             raise KDResearchError("loss=fsp needs the epoch (progress) to tell its init stage from the "
                                   "classification stage; the trainer passes it, a direct call must too")
-        if progress.epochs <= self.init_epochs:
-            raise KDResearchError(f"loss=fsp: loss.init_epochs={self.init_epochs} leaves none of the "
-                                  f"{progress.epochs} epochs to train the classifier; set epochs above "
-                                  f"{self.init_epochs} or lower loss.init_epochs")
+        self.check_epochs(progress.epochs)
         if progress.epoch > self.init_epochs:
             return super().forward(student, teacher, labels, progress)
         fsp = self.distillation_term(student, teacher, progress)
