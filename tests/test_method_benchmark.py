@@ -59,7 +59,11 @@ def test_benchmark_table_holds_mlflow_numbers(tmp_path, monkeypatch):
     kd = table.cells[("kd", PAIR)]
     assert kd.published == 70.66 and kd.source == "repdistiller"
     assert f"pub. 70.66, {kd.last.mean - 70.66:+.2f}" in table.markdown()
-    assert Path(result.markdown_path).read_text().count(f"| {PAIR} |") == 1
+    assert Path(result.markdown_path).read_text().count(f"| method | {PAIR} |") == 1
+    # Two seeds per method: counted and marked; each method's difference to the student alone, paired by seed.
+    assert "(n=2, < 3 seeds)" in table.cells[("ce", PAIR)].format()
+    assert kd.vs_student.test == "paired t" and kd.vs_student.n == 2
+    assert f"| kd − ce | {kd.vs_student.format(2)}, p {kd.vs_student.format_p()} |" in table.markdown()
     # One parent run holds the benchmark: every run of its jobs (automatic teachers included) is
     # its child, and it holds the table.
     parent = client.get_run(result.parent_run_id)

@@ -6,12 +6,14 @@ Per pair and seed: `loss=ce` (the student alone), then every method (`loss=kd`, 
 preset's teacher recipe and every later job reuses it (automatic teacher, kdresearch.teacher),
 so each teacher is trained once per seed. The table has the field's layout: rows are methods,
 columns are pairs, cells are mean ± std over seeds of the last-epoch test accuracy and of the
-test accuracy at the epoch chosen on validation (with `data.val_size=N`), and, from a small
-cited file of published figures (kdresearch/pipelines/published_cifar100.csv), the published value and our
-difference to it. The file of published figures is read and checked before the first job. The
-jobs' runs are tagged `sweep=<the benchmark's folder>` and are the child runs of one parent run
-(kdresearch.sweeps.parent_runs, tag role=benchmark) that holds the table (artifact
-benchmark/benchmark.md, and its description in the MLflow UI).
+test accuracy at the epoch chosen on validation (with `data.val_size=N`), the number of seeds,
+and, from a small cited file of published figures (kdresearch/pipelines/published_cifar100.csv), the
+published value and our difference to it. A second table holds each method's difference to the
+student alone and to KD, with its 95 % interval and p-value, paired by seed
+(kdresearch.reports.statistics). The file of published figures is read and checked before the
+first job. The jobs' runs are tagged `sweep=<the benchmark's folder>` and are the child runs of
+one parent run (kdresearch.sweeps.parent_runs, tag role=benchmark) that holds the tables
+(artifact benchmark/benchmark.md, and its description in the MLflow UI).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from kdresearch.errors import KDResearchError
 from kdresearch.layout import CONF_DIR
 from kdresearch.pipelines.jobs import PlannedJob, run_jobs, tracker_for
 from kdresearch.reports.compare import Stat
+from kdresearch.reports.statistics import FOOTNOTE as STATISTICS_FOOTNOTE
+from kdresearch.reports.statistics import Difference, seed_count, seed_difference
 from kdresearch.sweeps.parent_runs import (
     GroupSummary,
     close_parent,
@@ -38,6 +42,7 @@ from kdresearch.tracking.store import metric_history
 
 PUBLISHED = Path(__file__).with_name("published_cifar100.csv")
 STUDENT_ALONE = "ce"
+KD = "kd"  # the method every other one is also compared with
 TEACHER = "teacher"
 
 
@@ -72,6 +77,8 @@ class Cell:
     at_best_val: Stat
     published: Optional[float] = None
     source: str = ""
+    vs_student: Optional[Difference] = None  # last-epoch test/acc minus the student alone's
+    vs_kd: Optional[Difference] = None  # last-epoch test/acc minus KD's
 
     def format(self) -> str:
         text = self.last.format(2)
@@ -80,7 +87,7 @@ class Cell:
         if self.published is not None:
             difference = "" if self.last.mean is None else f", {self.last.mean - self.published:+.2f}"
             text += f" (pub. {self.published:.2f}{difference})"
-        return text
+        return f"{text} ({seed_count(self.last.n)})"
 
 
 @dataclass
@@ -90,11 +97,28 @@ class Table:
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
 
     def markdown(self) -> str:
+        """The accuracy table, then the table of differences (when some method has one)."""
         lines = ["| method | " + " | ".join(self.pairs) + " |", "|---|" + "---|" * len(self.pairs)]
         for method in self.methods:
             row = [self.cells[(method, pair)].format() if (method, pair) in self.cells else "—" for pair in self.pairs]
             lines.append(f"| {method} | " + " | ".join(row) + " |")
+        differences = [f"| {label} | " + " | ".join(cells) + " |" for label, cells in self._differences()]
+        if differences:
+            lines += ["", "| Δ last-epoch test/acc, 95 % CI, p | " + " | ".join(self.pairs) + " |",
+                      "|---|" + "---|" * len(self.pairs), *differences]
         return "\n".join(lines) + "\n"
+
+    def _differences(self) -> list[tuple[str, list[str]]]:
+        """(`method − reference`, a cell per pair) for each method and reference it has a difference to."""
+        lines = []
+        for reference, attribute in ((STUDENT_ALONE, "vs_student"), (KD, "vs_kd")):
+            for method in self.methods:
+                found = [getattr(self.cells.get((method, pair)), attribute, None) for pair in self.pairs]
+                if any(found):
+                    lines.append((f"{method} − {reference}", [
+                        "—" if difference is None else f"{difference.format(2)}, p {difference.format_p()}"
+                        for difference in found]))
+        return lines
 
 
 PUBLISHED_COLUMNS = ("pair", "method", "top1", "source")
@@ -142,24 +166,36 @@ def _accuracies(client, run_id: str) -> tuple[Optional[float], Optional[float]]:
     return last, best
 
 
+def _lasts(accs: Sequence[tuple[int, Optional[float], Optional[float]]]) -> list[tuple[int, Optional[float]]]:
+    """(seed, last-epoch test/acc) of each run."""
+    return [(seed, last) for seed, last, _ in accs]
+
+
 def build_table(client, jobs: Sequence[PlannedJob], pairs: Sequence[str], methods: Sequence[str],
                 published: dict) -> Table:
+    """The table of the jobs' runs as MLflow holds them; each method's differences to the student
+    alone and to KD of the same pair, paired by seed."""
     rows = [TEACHER, STUDENT_ALONE, *[m for m in methods if m != STUDENT_ALONE]]
-    values: dict[tuple[str, str], list[tuple[Optional[float], Optional[float]]]] = {}
+    values: dict[tuple[str, str], list[tuple[int, Optional[float], Optional[float]]]] = {}  # (seed, last, best)
     teachers: dict[tuple[str, int], str] = {}
     for job in jobs:
         pair, method = job.label.split("|", 1)
         run = client.get_run(job.run_ids[-1])
-        values.setdefault((method, pair), []).append(_accuracies(client, run.info.run_id))
+        values.setdefault((method, pair), []).append((job.seed, *_accuracies(client, run.info.run_id)))
         if names.TEACHER_RUN_ID in run.data.tags:
             teachers[(pair, job.seed)] = run.data.tags[names.TEACHER_RUN_ID]
-    for (pair, _), teacher_run_id in teachers.items():
-        values.setdefault((TEACHER, pair), []).append(_accuracies(client, teacher_run_id))
+    for (pair, seed), teacher_run_id in teachers.items():
+        values.setdefault((TEACHER, pair), []).append((seed, *_accuracies(client, teacher_run_id)))
     table = Table(list(pairs), rows)
     for (method, pair), accs in values.items():
         cited = published.get((method, pair))
-        table.cells[(method, pair)] = Cell(Stat.of(a for a, _ in accs), Stat.of(b for _, b in accs),
-                                           *(cited if cited else (None, "")))
+        cell = Cell(Stat.of(last for _, last, _ in accs), Stat.of(best for _, _, best in accs),
+                    *(cited if cited else (None, "")))
+        if method not in (TEACHER, STUDENT_ALONE):
+            cell.vs_student = seed_difference(_lasts(accs), _lasts(values.get((STUDENT_ALONE, pair), [])))
+            if method != KD:
+                cell.vs_kd = seed_difference(_lasts(accs), _lasts(values.get((KD, pair), [])))
+        table.cells[(method, pair)] = cell
     return table
 
 
@@ -174,8 +210,10 @@ class Benchmark:
 
 FOOTNOTE = ("Cells: last-epoch test accuracy (%), mean ± sample std over seeds; after ' / ': the test accuracy of "
             "the epoch chosen on validation (data.val_size > 0); pub.: the published figure (240-epoch CIFAR-100 "
-            "recipe; sources in kdresearch/pipelines/published_cifar100.csv) and our difference to it. Teacher row: the teachers "
-            "the students used, one per seed.")
+            "recipe; sources in kdresearch/pipelines/published_cifar100.csv) and our difference to it; n: seeds "
+            "(marked below 3). Teacher row: the teachers the students used, one per seed. Second table: each "
+            "method's last-epoch test accuracy minus the student alone's (− ce) and KD's (− kd). "
+            f"{STATISTICS_FOOTNOTE}.")
 ARTIFACT_DIR = "benchmark"  # the parent run's artifact folder of benchmark.md
 
 

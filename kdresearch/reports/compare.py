@@ -9,8 +9,10 @@ table (Markdown, CSV) and a figure (PNG), and log all three as artifacts of a su
   (sample std). When a configuration was run twice with the same seed, the newest run counts.
   `per_run=True` gives one row per run instead.
 - Baseline: the student trained with cross-entropy (role=student, loss=ce) on the same data for
-  the same number of epochs; "Δ vs CE" is the row's mean final test/acc minus the baseline's mean
-  over the same seeds (all of its seeds when it lacks one of the row's).
+  the same number of epochs; "Δ vs student CE" is the row's mean final test/acc minus the
+  baseline's, with its 95 % interval and p-value (kdresearch.reports.statistics): paired by seed
+  when the baseline has a run of every seed of the row, else Welch's unpaired test over all of the
+  baseline's seeds. "Δ vs KD" is the same against the first student trained with loss=kd there.
 - Fairness: the tutorial starts every student from the same weights and checks it with the norm of
   the first conv's weight. A student whose step-0 `first_layer_norm` differs from the baseline
   run's of the same seed (or from the baseline's at all, when it has no run of that seed) is
@@ -31,6 +33,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 from kdresearch.config.identity import training_identity
 from kdresearch.errors import KDResearchError
+from kdresearch.reports.statistics import FOOTNOTE as STATISTICS_FOOTNOTE
+from kdresearch.reports.statistics import Difference, seed_count, seed_difference
 from kdresearch.tracking import names
 from kdresearch.tracking.run import TrackedRun
 from kdresearch.tracking.store import Tracker, metric_history
@@ -214,13 +218,23 @@ class Row:
     label: str
     runs: list[RunRecord]
     baseline_label: Optional[str] = None
-    delta: Optional[float] = None  # mean final test/acc minus the baseline's (same seeds)
+    vs_baseline: Optional[Difference] = None  # final test/acc minus the baseline's (None for the baseline)
     is_baseline: bool = False
+    kd_label: Optional[str] = None
+    vs_kd: Optional[Difference] = None  # final test/acc minus the KD reference's (None for that reference)
+    is_kd_reference: bool = False
     unfair: list[str] = field(default_factory=list)  # one reason per unfairly initialised run
 
     @property
     def first(self) -> RunRecord:
         return self.runs[0]
+
+    @property
+    def delta(self) -> Optional[float]:
+        """Mean final test/acc minus the baseline's: 0 for the baseline itself, None without one."""
+        if self.is_baseline:
+            return 0.0
+        return None if self.vs_baseline is None else self.vs_baseline.mean
 
     @property
     def seeds(self) -> list[int]:
@@ -235,6 +249,8 @@ class Row:
             return "UNFAIR: " + "; ".join(self.unfair)
         if self.is_baseline:
             return "baseline"
+        if self.is_kd_reference:
+            return "KD reference"
         if self.baseline_label is None and self.first.role == names.STUDENT_ROLE:
             return "no student-CE baseline on this data"
         return ""
@@ -272,15 +288,37 @@ def _labels(groups: list[list[RunRecord]], per_run: bool) -> list[str]:
     return labels
 
 
-def _is_ce_student(record: RunRecord) -> bool:
-    return record.role == names.STUDENT_ROLE and record.loss == "ce"
+def _is_student_with(loss: str):
+    return lambda record: record.role == names.STUDENT_ROLE and record.loss == loss
 
 
-def build_rows(records: list[RunRecord], per_run: bool = False, baseline: Optional[str] = None) -> list[Row]:
-    """Table rows from run records (oldest first), with baseline differences and fairness flags.
+def _references(configurations: dict[tuple, list[RunRecord]], labels: dict[tuple, str], wanted: Optional[str],
+                what: str, qualifies) -> dict[tuple, tuple]:
+    """{(data, epochs) context: identity of the configuration its rows are compared with}: the one
+    `wanted` names (label, run name or run id) for every context, else per context the first
+    configuration whose runs `qualifies`."""
+    if wanted:
+        chosen = _chosen(configurations, labels, wanted, what)
+        return {group[0].context: chosen for group in configurations.values()}
+    references: dict[tuple, tuple] = {}
+    for identity, group in configurations.items():
+        if qualifies(group[0]):
+            references.setdefault(group[0].context, identity)
+    return references
+
+
+def _final_accs(runs: Sequence[RunRecord]) -> list[tuple[Optional[int], Optional[float]]]:
+    return [(run.seed, run.final_acc) for run in runs]
+
+
+def build_rows(records: list[RunRecord], per_run: bool = False, baseline: Optional[str] = None,
+               kd_reference: Optional[str] = None) -> list[Row]:
+    """Table rows from run records (oldest first), with differences to the baseline and to the KD
+    reference and fairness flags.
 
     `baseline` picks the baseline configuration by label, run name or run id; by default it is,
     per (data, epochs) context, the first configuration of a student trained with cross-entropy.
+    `kd_reference` likewise, by default the first student trained with loss=kd.
     """
     records = _table_runs(records, per_run)
     configurations: dict[tuple, list[RunRecord]] = {}
@@ -291,28 +329,25 @@ def build_rows(records: list[RunRecord], per_run: bool = False, baseline: Option
     rows = [Row(label, group) for label, group in zip(_labels(groups, per_run), groups)]
     config_labels = dict(zip(configurations, _labels(list(configurations.values()), False)))
 
-    chosen = _chosen_baseline(configurations, config_labels, baseline) if baseline else None
-    baselines: dict[tuple, tuple] = {}  # context -> identity of its baseline configuration
-    for identity, group in configurations.items():
-        context = group[0].context
-        if chosen is not None:
-            baselines[context] = chosen
-        elif _is_ce_student(group[0]):
-            baselines.setdefault(context, identity)
-
+    baselines = _references(configurations, config_labels, baseline, "baseline", _is_student_with("ce"))
+    kd_references = _references(configurations, config_labels, kd_reference, "KD reference", _is_student_with("kd"))
     for row in rows:
         identity = row.first.identity
-        base_identity = chosen if chosen is not None else baselines.get(row.first.context)
+        kd_identity = kd_references.get(row.first.context)
+        if kd_identity is not None:
+            row.kd_label = config_labels[kd_identity]
+            row.is_kd_reference = identity == kd_identity
+            if not row.is_kd_reference:
+                row.vs_kd = seed_difference(_final_accs(row.runs), _final_accs(configurations[kd_identity]))
+        base_identity = baselines.get(row.first.context)
         if base_identity is None:
             continue
         base_runs = configurations[base_identity]
         row.baseline_label = config_labels[base_identity]
         row.is_baseline = identity == base_identity
+        if not row.is_baseline:
+            row.vs_baseline = seed_difference(_final_accs(row.runs), _final_accs(base_runs))
         by_seed = {run.seed: run for run in base_runs}
-        paired = [by_seed[seed] for seed in row.seeds] if all(s in by_seed for s in row.seeds) and row.seeds else base_runs
-        accs, base_accs = row.stat("final_acc"), Stat.of(run.final_acc for run in paired)
-        if accs.mean is not None and base_accs.mean is not None:
-            row.delta = accs.mean - base_accs.mean
         if row.first.role != names.STUDENT_ROLE or row.is_baseline:
             continue
         for run in row.runs:
@@ -327,11 +362,11 @@ def build_rows(records: list[RunRecord], per_run: bool = False, baseline: Option
     return rows
 
 
-def _chosen_baseline(configurations: dict[tuple, list[RunRecord]], labels: dict[tuple, str], wanted: str) -> tuple:
+def _chosen(configurations: dict[tuple, list[RunRecord]], labels: dict[tuple, str], wanted: str, what: str) -> tuple:
     for identity, group in configurations.items():
         if wanted == labels[identity] or any(wanted in (run.run_id, run.name) for run in group):
             return identity
-    raise KDResearchError(f"baseline {wanted!r} is none of the compared runs ({', '.join(labels.values())})")
+    raise KDResearchError(f"{what} {wanted!r} is none of the compared runs ({', '.join(labels.values())})")
 
 
 # --- outputs ---------------------------------------------------------------------------------------
@@ -347,28 +382,42 @@ def varying_hyperparameters(rows: Sequence["Row"]) -> list[str]:
     return [key for key in keys if len({row.first.hyperparameters.get(key) for row in rows}) > 1]
 
 
+def _with_kd(rows: Sequence["Row"]) -> bool:
+    """Whether the table has "Δ vs KD" columns: some row has a KD reference."""
+    return any(row.kd_label for row in rows)
+
+
 def columns(rows: Sequence["Row"]) -> list[str]:
+    kd = ["Δ vs KD [95 % CI]", "p vs KD"] if _with_kd(rows) else []
     return ["run", "model", "loss", *(f"loss.{key}" for key in varying_hyperparameters(rows)), "params", "seeds",
-            *(title for title, _, _ in STAT_COLUMNS), "Δ vs student CE", "train time s", "note"]
+            "n", *(title for title, _, _ in STAT_COLUMNS), "Δ vs student CE [95 % CI]", "p vs student CE", *kd,
+            "train time s", "note"]
 
 
-def table_cells(row: Row, hyperparameters: Sequence[str]) -> list[str]:
+def _difference_cells(difference: Optional[Difference], is_reference: bool, reference: str) -> list[str]:
+    if is_reference:
+        return [reference, "—"]
+    return ["—", "—"] if difference is None else [difference.format(2), difference.format_p()]
+
+
+def table_cells(row: Row, hyperparameters: Sequence[str], with_kd: bool) -> list[str]:
     run = row.first
+    kd = _difference_cells(row.vs_kd, row.is_kd_reference, "KD reference") if with_kd else []
     return [
         row.label, run.model, run.loss, *(run.hyperparameters.get(key, "—") for key in hyperparameters),
         "—" if run.parameter_count is None else f"{run.parameter_count:,}",
-        " ".join(str(seed) for seed in row.seeds) or "—",
+        " ".join(str(seed) for seed in row.seeds) or "—", seed_count(len(row.runs)),
         *(row.stat(attribute).format(digits) for _, attribute, digits in STAT_COLUMNS),
-        "—" if row.delta is None else f"{row.delta:+.2f}",
+        *_difference_cells(row.vs_baseline, row.is_baseline, "baseline"), *kd,
         row.stat("train_seconds").format(1), row.note,
     ]
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    titles, hyperparameters = columns(rows), varying_hyperparameters(rows)
+    titles, hyperparameters, with_kd = columns(rows), varying_hyperparameters(rows), _with_kd(rows)
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in rows:
-        cells = [cell.replace("|", "\\|") for cell in table_cells(row, hyperparameters)]
+        cells = [cell.replace("|", "\\|") for cell in table_cells(row, hyperparameters, with_kd)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -376,6 +425,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
 def _footnote(rows: Sequence[Row]) -> str:
     multi = any(len(row.runs) > 1 for row in rows)
     baselines = sorted({row.baseline_label for row in rows if row.baseline_label})
+    kd_references = sorted({row.kd_label for row in rows if row.kd_label})
     parts = [
         "test/acc in percent at the last epoch, at the epoch chosen on validation (data.val_size > 0; "
         "— without a validation split), and its maximum over epochs (an epoch chosen on the test set: optimistic)",
@@ -383,6 +433,9 @@ def _footnote(rows: Sequence[Row]) -> str:
         "init/final norm: first_layer_norm at step 0 and at the last epoch",
         "train time: sum of epoch_seconds",
         f"baseline: {', '.join(baselines) if baselines else 'none (no student trained with CE)'}",
+        *([f"KD reference: {', '.join(kd_references)}"] if kd_references else []),
+        f"Δ vs student CE{' and vs KD' if kd_references else ''}: of the last-epoch test/acc",
+        STATISTICS_FOOTNOTE,
     ]
     if multi:
         parts.insert(0, "mean ± sample std over seeds")
@@ -397,6 +450,12 @@ def write_markdown(rows: Sequence[Row], path: Path, title: str) -> Path:
 CSV_STATS = ("init_norm", "final_norm", "final_acc", "best_val_test_acc", "best_acc", "train_seconds")
 
 
+def _difference_columns(prefix: str, difference: Optional[Difference]) -> dict[str, object]:
+    """The interval, p-value, test and counts of a difference (empty without one)."""
+    parts = ("low", "high", "p_value", "test", "n", "n_reference")
+    return {f"{prefix}_{part}": None if difference is None else getattr(difference, part) for part in parts}
+
+
 def write_csv(rows: Sequence[Row], path: Path) -> Path:
     """Machine-readable: full-precision numbers, means and stds in their own columns (None: empty)."""
     import pandas as pd
@@ -408,8 +467,10 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
         **{f"loss.{key}": row.first.hyperparameters.get(key) for key in hyperparameters},
         "parameter_count": row.first.parameter_count, "seeds": " ".join(map(str, row.seeds)), "n": len(row.runs),
         **{f"{name}_{part}": getattr(row.stat(name), part) for name in CSV_STATS for part in ("mean", "std")},
-        "delta_vs_baseline": row.delta, "baseline": row.baseline_label, "unfair_init": bool(row.unfair),
-        "note": row.note,
+        "delta_vs_baseline": row.delta, **_difference_columns("delta_vs_baseline", row.vs_baseline),
+        "baseline": row.baseline_label,
+        "delta_vs_kd": None if row.vs_kd is None else row.vs_kd.mean, **_difference_columns("delta_vs_kd", row.vs_kd),
+        "kd_reference": row.kd_label, "unfair_init": bool(row.unfair), "note": row.note,
     } for row in rows]
     # dtype=object writes each value as Python does: a count stays 267738, not 267738.0 beside a missing
     # one; lines end in CRLF, as RFC 4180 and the csv module have them.
@@ -427,15 +488,39 @@ def _curve(row: Row, key: str) -> tuple[list[int], list[float], Optional[list[fl
     return list(frame.columns), list(frame.mean()), list(frame.std()) if len(frame) > 1 else None
 
 
+def plot_differences(ax, rows: Sequence[Row]) -> None:
+    """Each row's Δ of last-epoch test/acc vs student CE (and vs KD), with its interval as a bar."""
+    shown = [row for row in rows if row.vs_baseline is not None or row.vs_kd is not None]
+    for offset, attribute, marker, label in ((-0.15, "vs_baseline", "o", "vs student CE"),
+                                            (0.15, "vs_kd", "s", "vs KD")):
+        points = [(index + offset, getattr(row, attribute)) for index, row in enumerate(shown)
+                  if getattr(row, attribute) is not None]
+        if not points:
+            continue
+        ys, differences = [y for y, _ in points], [difference for _, difference in points]
+        errors = [[0.0 if d.low is None else d.mean - d.low for d in differences],
+                  [0.0 if d.high is None else d.high - d.mean for d in differences]]
+        ax.errorbar([d.mean for d in differences], ys, xerr=errors, fmt=marker, capsize=3, label=label)
+    ax.axvline(0.0, color="grey", linewidth=0.8)
+    ax.set_yticks(range(len(shown)), [f"{row.label} ({seed_count(len(row.runs))})" for row in shown],
+                  fontsize="small")
+    ax.invert_yaxis()  # the table's order, top to bottom
+    ax.set_xlabel("Δ last-epoch test/acc (points), 95 % CI; no bar: no interval")
+    ax.grid(alpha=0.3, axis="x")
+    if shown:
+        ax.legend(fontsize="small")
+
+
 def write_figure(rows: Sequence[Row], path: Path, title: str) -> Path:
-    """Test accuracy and train loss per epoch, one line per row (band: ± std over seeds)."""
+    """Test accuracy and train loss per epoch, one line per row (band: ± std over seeds), and each
+    row's differences to the baseline and the KD reference with their intervals."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
+    figure = Figure(figsize=(17, 4.6), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, 2)
+    axes = figure.subplots(1, 3)
     epochs: set[int] = set()
     for ax, key, ylabel in ((axes[0], "test/acc", "test accuracy (%)"),
                             (axes[1], "train/loss", "train loss (each run's own objective)")):
@@ -456,6 +541,7 @@ def write_figure(rows: Sequence[Row], path: Path, title: str) -> Path:
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize="small")
+    plot_differences(axes[2], rows)
     figure.suptitle(title)
     figure.savefig(path)
     return path
@@ -489,7 +575,7 @@ def default_name(prefix: str = "comparison") -> str:
 
 
 def compare(tracker: Tracker, runs: Sequence, out_dir: Path, name: Optional[str] = None, per_run: bool = False,
-            baseline: Optional[str] = None, log_summary: bool = True,
+            baseline: Optional[str] = None, kd_reference: Optional[str] = None, log_summary: bool = True,
             selection: Optional[Mapping[str, object]] = None) -> Comparison:
     """Build the table of `runs` (MLflow runs, e.g. from `select_runs`), write comparison.md/.csv/.png
     into `out_dir` and, with `log_summary`, log them as artifacts of a summary run named `name`."""
@@ -498,7 +584,7 @@ def compare(tracker: Tracker, runs: Sequence, out_dir: Path, name: Optional[str]
     shown = _table_runs(records, per_run)
     for record in shown:  # histories only for the runs in the table, not for superseded reruns
         record.history = metric_history(tracker.client, record.run_id, HISTORY_KEYS)
-    rows = build_rows(shown, per_run=per_run, baseline=baseline)
+    rows = build_rows(shown, per_run=per_run, baseline=baseline, kd_reference=kd_reference)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = Comparison(
