@@ -3,11 +3,13 @@
 Contract (`Network`): `model(x)` returns logits; `model(x, with_features=True)` returns
 `ModelOutputs` from the same forward pass: the logits, the pooled penultimate `embedding` (the
 input of the last linear layer), the feature map after every stage (`stages`, post-activation),
-and for the tutorial nets the flattened conv output `hidden` that the cosine loss reads.
+for the tutorial nets the flattened conv output `hidden` that the cosine loss reads, and for the
+ImageNet networks the stages before their final ReLU (`preact_stages`).
 Shape facts are class/instance attributes known before any forward pass, so a loss can size its
 connectors and refuse a bad student/teacher pair before training starts:
 `num_classes`, `embedding_dim`, `stage_channels` and `stage_sizes` (spatial side of each stage's
-map for a 32x32 input). The CIFAR benchmark networks live in `kdresearch.architectures`.
+map for an `image_size` x `image_size` input: 32 for the tutorial nets and the CIFAR networks).
+The benchmark networks live in `kdresearch.architectures`.
 
 The tutorial nets' layer definitions and `state_dict` keys are exactly the tutorial's, so a
 checkpoint trained here loads into the tutorial's classes and vice versa. Their stages are the two
@@ -33,6 +35,8 @@ class ModelOutputs(NamedTuple):
     stages: Optional[tuple[Optional[torch.Tensor], ...]] = None  # per stage (N, C_i, H_i, W_i)
     hidden: Optional[torch.Tensor] = None  # the last stage flattened (N, hidden_dim); for the tutorial
     # nets this is their flattened conv output, the cosine loss's input
+    preact_stages: Optional[tuple[torch.Tensor, ...]] = None  # the stages before their final ReLU
+    # (the suites' `preact_feats`), from the networks that offer them (kdresearch.architectures.imagenet)
 
     @property
     def feature_map(self) -> Optional[torch.Tensor]:
@@ -75,7 +79,8 @@ class Network(nn.Module):
     num_classes: int
     embedding_dim: int
     stage_channels: tuple[int, ...]
-    stage_sizes: tuple[int, ...]  # for 32x32 inputs
+    stage_sizes: tuple[int, ...]  # for image_size x image_size inputs
+    image_size: int = 32  # the input side the shape facts are for
 
     def outputs(self, x: torch.Tensor) -> ModelOutputs:
         raise NotImplementedError

@@ -97,7 +97,7 @@ class CachedTeacher:
 
 
 def sample_shapes(teacher: nn.Module, fields: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    """Shape of one sample's value of each field, from the teacher's shape facts (32x32 inputs)."""
+    """Shape of one sample's value of each field, from the teacher's shape facts (for its `image_size`)."""
     shapes = {}
     for field in fields:
         if field.startswith("stage"):

@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdresearch.config.identity import config_identity, identity_hash
+from kdresearch.errors import KDResearchError
 from kdresearch.layout import CONF_DIR
+from kdresearch.models import model_name
 from kdresearch.tracking.names import CONFIG_HASH, tag_equals
 from kdresearch.training.weights import CheckpointSource, from_path, from_run, load_weights
 
@@ -55,6 +57,21 @@ def load_teacher_weights(teacher: nn.Module, source: CheckpointSource) -> None:
     load_weights(teacher, source.checkpoint, source.description, "teacher.model", role="the teacher model")
 
 
+def named_file(cfg: DictConfig, teacher: nn.Module) -> Optional[Path]:
+    """The weights file the config names: `teacher.checkpoint`, or torchvision's weights file that
+    `teacher.weights` names (the torchvision teachers' key, e.g. IMAGENET1K_V1); None for neither."""
+    weights = cfg.teacher.get("weights")
+    if cfg.teacher.checkpoint and weights:
+        raise KDResearchError("teacher.checkpoint and teacher.weights both name the teacher's weights: set one")
+    if cfg.teacher.checkpoint:
+        return Path(cfg.teacher.checkpoint)
+    if weights:
+        from kdresearch.architectures.imagenet import torchvision_weights_file  # imports torchvision: seconds
+
+        return torchvision_weights_file(model_name(teacher), str(weights))
+    return None
+
+
 def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, tracker,
                    train: Callable[[DictConfig], str], pinned_run_id: Optional[str] = None) -> Optional[str]:
     """Fill `teacher` with trained weights; return the MLflow run id they came from (None if unknown).
@@ -64,8 +81,9 @@ def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, t
     `pinned_run_id` (a resumed job's teacher) takes precedence over the automatic search, so a
     continuation never switches to a newer teacher.
     """
-    if cfg.teacher.checkpoint:
-        source = from_path(Path(cfg.teacher.checkpoint), "teacher checkpoint")
+    file = named_file(cfg, teacher)
+    if file is not None:
+        source = from_path(file, "teacher checkpoint")
         load_teacher_weights(teacher, source)
         log.info("teacher: loaded from %s%s", source.description, f" (run {source.run_id})" if source.run_id else "")
         return source.run_id
