@@ -4,27 +4,32 @@ the comparison and benchmark tables built from fabricated runs with 1, 2 and 5 s
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import statistics
 import warnings
 from types import SimpleNamespace
 
 import pytest
+from conftest import REPO_ROOT
 from matplotlib.figure import Figure
 from scipy import stats
 
+from kdresearch.errors import KDResearchError
 from kdresearch.pipelines import method_benchmark
 from kdresearch.pipelines.jobs import PlannedJob
 from kdresearch.reports import statistics as seed_statistics
 from kdresearch.reports.compare import (
     RunRecord,
     build_rows,
+    compare,
     markdown_table,
     plot_differences,
     write_csv,
     write_markdown,
 )
 from kdresearch.reports.statistics import PAIRED, WELCH, paired_difference, seed_difference, welch_difference
+from kdresearch.sweeps.parent_runs import GroupSummary
 
 # Last-epoch test accuracies (%) per seed.
 CE = {1: 70.1, 2: 70.5, 3: 70.9, 4: 71.0, 5: 70.2}
@@ -258,3 +263,50 @@ def test_benchmark_table_shows_counts_and_differences():
     assert rows["dkd − ce"].endswith("(n=2, < 3 seeds), p " + cell[("dkd", PAIR)].vs_student.format_p())
     assert rows["at − kd"] == "-0.60 (n=1, < 3 seeds, no interval), p —"
     assert "Welch" in method_benchmark.FOOTNOTE and "marked below 3" in method_benchmark.FOOTNOTE
+
+
+def test_kd_reference_is_chosen_by_name():
+    records = [*_records("ce", CE, 0), *_records("kd", KD, 100), *_records("dkd", DKD, 200)]
+    rows = {row.label: row for row in build_rows(records, kd_reference="light-dkd")}
+    assert rows["light-dkd"].is_kd_reference and rows["light-dkd"].note == "KD reference"
+    # KD's seeds 3 to 5 have no run of the reference: unpaired.
+    assert rows["light-kd"].vs_kd == welch_difference(list(KD.values()), [71.9, 71.0])
+    assert rows["light-ce"].vs_kd == welch_difference(list(CE.values()), [71.9, 71.0])
+    assert rows["light-kd"].vs_baseline == paired_difference(list(KD.values()), list(CE.values()))
+    with pytest.raises(KDResearchError, match="KD reference 'light-x' is none of the compared runs"):
+        build_rows(records, kd_reference="light-x")
+    script = REPO_ROOT / "scripts" / "compare.py"
+    spec = importlib.util.spec_from_file_location("compare_script", script)
+    compare_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_script)
+    assert compare_script.parse_args(["--kd-reference", "light-dkd"]).kd_reference == "light-dkd"
+
+
+def test_sweep_parent_note_holds_the_differences(tmp_path):
+    """A sweep's parent shows the comparison of its children (GroupSummary.of_comparison): with the
+    intervals, the counts and the marks."""
+    accs = {("ce", 1): 70.1, ("ce", 2): 70.5, ("kd", 1): 71.2, ("kd", 2): 70.8}
+
+    class Client:
+        def get_metric_history(self, run_id, key):
+            loss, seed = run_id.split("-")
+            if key == "test/acc":
+                return [SimpleNamespace(step=1, value=accs[(loss, int(seed))])]
+            return [SimpleNamespace(step=0, value=2.5)] if key == "first_layer_norm" else []
+
+    def run(loss, seed):
+        params = {"seed": str(seed), "epochs": "1", "loss.name": loss, "loss._target_": f"losses.{loss}",
+                  "model.name": "light"}
+        tags = {"role": "student", "loss": loss, "model": "light", "data_fingerprint": "data"}
+        return SimpleNamespace(info=SimpleNamespace(run_id=f"{loss}-{seed}", run_name=f"light-{loss}",
+                                                    start_time=seed),
+                               data=SimpleNamespace(params=params, tags=tags, metrics={}))
+
+    result = compare(SimpleNamespace(client=Client()), [run(loss, seed) for loss, seed in accs], tmp_path,
+                     name="sweep", log_summary=False)
+    note = GroupSummary.of_comparison(result).note
+    difference = paired_difference([71.2, 70.8], [70.1, 70.5])
+    line = _cells(note.split("\n\n")[0])["light-kd"]
+    assert line["Δ vs student CE [95 % CI]"] == difference.format(2) and difference.low is not None
+    assert line["p vs student CE"] == difference.format_p() and line["n"] == "n=2, < 3 seeds"
+    assert "Welch" in note and result.figure.read_bytes()[:4] == b"\x89PNG"
