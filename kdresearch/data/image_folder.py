@@ -37,8 +37,7 @@ from kdresearch.data.splits import (
     check_class_count,
     check_normalisation,
     check_num_classes,
-    select_splits,
-    take,
+    split_samples,
 )
 from kdresearch.errors import KDResearchError
 
@@ -209,16 +208,11 @@ def load_image_folder(root: Optional[str] = None, num_classes: int = 10, num_wor
     check_num_classes(num_classes)
     classes = tuple(sorted(path.name for path in (folder / "train").iterdir() if path.is_dir()))
     check_class_count(len(classes), num_classes, f"{folder / 'train'} has {len(classes)} class folders")
-    train_files, train_labels = _list_split(folder / "train", classes)
-    test_files, test_labels = _list_split(folder / "test", classes)
     # The files are listed class by class: the limits are drawn across the classes, never a prefix.
-    train_positions, val_positions, test_positions = select_splits(
-        train_labels, test_labels, limit_train, limit_test, val_size, val_seed)
-    val_files = val_labels = None
-    if val_positions is not None:
-        val_files, val_labels = take(train_files, val_positions), take(train_labels, val_positions)
-    train_files, train_labels = take(train_files, train_positions), take(train_labels, train_positions)
-    test_files, test_labels = take(test_files, test_positions), take(test_labels, test_positions)
+    (train_files, train_labels), val, (test_files, test_labels) = split_samples(
+        _list_split(folder / "train", classes), _list_split(folder / "test", classes),
+        limit_train, limit_test, val_size, val_seed)
+    val_files, val_labels = val or (None, None)
     return ImageFolderData("image_folder", folder, train_files, train_labels, test_files, test_labels, classes,
                            tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(augment), num_workers,
                            val_files, val_labels)

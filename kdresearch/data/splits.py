@@ -139,17 +139,12 @@ def check_normalisation(mean: Sequence[float], std: Sequence[float]) -> None:
 
 
 def in_memory_data(name, train, test, classes, limit_train, limit_test, mean, std, augment,
-                val_size=0, val_seed=0) -> ImageData:
-    """`ImageData` of the (images, labels) pairs `train` and `test`, limited and split (`select_splits`)."""
+                   val_size=0, val_seed=0) -> ImageData:
+    """`ImageData` of the (images, labels) pairs `train` and `test`, limited and split (`split_samples`)."""
     check_normalisation(mean, std)
-    (train_images, train_labels), (test_images, test_labels) = train, test
-    train_positions, val_positions, test_positions = select_splits(
-        train_labels, test_labels, limit_train, limit_test, val_size, val_seed)
-    val_images = val_labels = None
-    if val_positions is not None:
-        val_images, val_labels = take(train_images, val_positions), take(train_labels, val_positions)
-    train_images, train_labels = take(train_images, train_positions), take(train_labels, train_positions)
-    test_images, test_labels = take(test_images, test_positions), take(test_labels, test_positions)
+    (train_images, train_labels), val, (test_images, test_labels) = split_samples(
+        train, test, limit_train, limit_test, val_size, val_seed)
+    val_images, val_labels = val or (None, None)
     return ImageData(name, train_images, train_labels, test_images, test_labels, tuple(classes),
                      tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(augment),
                      val_images, val_labels)
@@ -172,6 +167,17 @@ def select_splits(train_labels: torch.Tensor, test_labels: torch.Tensor, limit_t
         positions = torch.arange(len(train_labels)) if train is None else train
         train, val = positions[kept], positions[held_out]
     return train, val, test
+
+
+def split_samples(train: tuple, test: tuple, limit_train: Optional[int], limit_test: Optional[int],
+                  val_size: int, val_seed: int) -> tuple[tuple, Optional[tuple], tuple]:
+    """The (samples, labels) pairs `train` and `test` as a job uses them: (train, validation or
+    None, test), chosen by `select_splits`; samples are image tensors or lists of files."""
+    (train_samples, train_labels), (test_samples, test_labels) = train, test
+    train_at, val_at, test_at = select_splits(train_labels, test_labels, limit_train, limit_test, val_size, val_seed)
+    val = None if val_at is None else (take(train_samples, val_at), take(train_labels, val_at))
+    return ((take(train_samples, train_at), take(train_labels, train_at)), val,
+            (take(test_samples, test_at), take(test_labels, test_at)))
 
 
 def take(items, positions: Optional[torch.Tensor]):
