@@ -29,6 +29,7 @@ from kdresearch.data import synthetic
 from kdresearch.data.splits import check_limit, check_normalisation, check_num_classes
 from kdresearch.errors import KDResearchError, first_line
 from kdresearch.losses.base import temperature
+from kdresearch.losses.combine import build_loss
 from kdresearch.runtime import devices
 
 SEEDS = {"at_least": 0, "at_most": 2**32 - 1}  # what torch.manual_seed and numpy's seeding both take
@@ -174,7 +175,7 @@ def check_optimizer(optimizer: dict, key: str) -> None:
 def build_on_stand_ins(cfg: DictConfig) -> None:
     """Build the loss (and check it fits the job's epochs), and each optimizer and schedule on one
     stand-in parameter, so that the checks their constructors make run now (their errors name the group: `teacher.optimizer: ...`)."""
-    build(cfg.loss, "loss").check_epochs(cfg.epochs)
+    build_loss(cfg.loss).check_epochs(cfg.epochs)
     for prefix, epochs in (("", cfg.epochs), ("teacher.", cfg.teacher.epochs)):
         optimizer = build(OmegaConf.select(cfg, f"{prefix}optimizer"), f"{prefix}optimizer",
                           [torch.nn.Parameter(torch.zeros(1))])

@@ -41,6 +41,7 @@ from kdresearch.data.splits import Dataset
 from kdresearch.errors import KDResearchError
 from kdresearch.layout import CHECKPOINT_DIR, EPOCH_CHECKPOINTS, JobFolder
 from kdresearch.losses.base import TrainingLoss
+from kdresearch.losses.combine import build_loss
 from kdresearch.models import first_layer_norm, model_name, parameter_count
 from kdresearch.runtime import devices, distributed, interrupts
 from kdresearch.sweeps import parent_runs
@@ -166,7 +167,7 @@ def bind_pair(cfg: DictConfig, data: Dataset) -> Pair:
     # stream, and what the loss sizes from the pair (bind) is drawn right after the student.
     seed_everything(cfg.seed)
     student = build(cfg.model, "model")
-    loss_fn = build(cfg.loss, "loss")
+    loss_fn = build_loss(cfg.loss)
     teacher = None
     if loss_fn.needs_teacher:
         with torch.random.fork_rng(devices=[]):

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from kdresearch import optimizers
 from kdresearch.errors import KDResearchError
 from kdresearch.losses.base import Progress
 from kdresearch.models import ModelOutputs
@@ -97,7 +98,7 @@ def train_one_epoch(student, loss_fn, loss_call, teacher_outputs, optimizer, bat
             teacher_out = teacher_outputs(images, index) if teacher_outputs else None
             total, parts = loss_call(student_out, teacher_out, labels, progress)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        optimizers.backward(optimizer, loss_fn, total, parts)  # DOT: the task and distillation gradients apart
         optimizer.step()
         losses[step - 1] = total.detach()
         for name, part in parts.items():
