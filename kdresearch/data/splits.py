@@ -45,6 +45,7 @@ class LabelledSplits:
     train_labels: torch.Tensor
     val_labels: Optional[torch.Tensor]
     test_labels: torch.Tensor
+    eval_batch_size: int = 256  # the batch of evaluation passes (data.eval_batch_size where the data has the key)
 
     @property
     def num_classes(self) -> int:

@@ -212,8 +212,8 @@ class Training:
         self.train_batches = data.batches("train", cfg.batch_size, device, generator=self.data_order,
                                           channels_last=channels_last, augment=data.augment,
                                           shard=(world.rank, world.size), augment_seed=job.augment_seed)
-        self.test_batches = data.batches("test", 256, device, channels_last=channels_last)
-        self.val_batches = (data.batches("val", 256, device, channels_last=channels_last)
+        self.test_batches = data.batches("test", data.eval_batch_size, device, channels_last=channels_last)
+        self.val_batches = (data.batches("val", data.eval_batch_size, device, channels_last=channels_last)
                             if data.has_validation else None)
         self.best: dict[str, float] = {}  # best/val_acc, best/epoch, best/test_acc: the epoch chosen on validation
         self.history: dict[int, dict] = {}  # every epoch's metrics so far, kept in each checkpoint
