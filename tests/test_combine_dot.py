@@ -1,10 +1,13 @@
-"""Methods that combine (kdresearch.losses.combine) and the distillation-oriented trainer
-(kdresearch.optimizers.DOT): a combined loss is the weighted sum of its terms computed apart, its
-terms' keys are the methods' own; DOT's updates are mdistiller's rule, step by step; and both
-train as jobs that resume bit-exactly from the epoch-1 checkpoint."""
+"""Methods that combine (kdresearch.losses.combine), the distillation-oriented trainer
+(kdresearch.optimizers.DOT) and curriculum temperature KD (kdresearch.losses.ctkd): a combined
+loss is the weighted sum of its terms computed apart, its terms' keys are the methods' own; DOT's
+updates are mdistiller's rule, step by step; CTKD is KD at its learned temperature, whose gradient
+is reversed on the authors' curriculum; and each trains as a job that resumes bit-exactly from the
+epoch-1 checkpoint."""
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 from pathlib import Path
@@ -171,9 +174,11 @@ def store(tmp_path_factory) -> Path:
 JOBS = {  # overrides -> the loss parts it must log
     "kd+at": (["loss=kd", "+loss@loss.at=at", "loss.at.distill_weight=500"], {"train/kd", "train/at"}),
     "kd-dot": (["loss=kd", "optimizer=dot", "optimizer.lr=0.05"], {"train/kd"}),
+    "ctkd": (["loss=ctkd", "loss.reversal_epochs=2"], {"train/ctkd", "train/temperature"}),
 }
 
 
+@pytest.mark.slow  # two jobs and their continuations, a teacher trained: ~40 s
 @pytest.mark.usefixtures("one_compute_thread")
 @pytest.mark.parametrize("name", list(JOBS))
 def test_job_trains_and_resumes_exactly(store, name):
@@ -199,6 +204,52 @@ def test_job_trains_and_resumes_exactly(store, name):
             assert torch.equal(tensor, again["optimizer"]["state"][index][key]), f"optimizer {index}.{key}"
     if name == "kd-dot":
         assert {"task_momentum", "distill_momentum"} <= set(done["optimizer"]["state"][0])
+    if name == "ctkd":  # the learned temperature's parameter trained, and is in the checkpoint
+        assert done["loss"]["temperature_logit"].item() != 1.0
     drop = {"epoch_seconds"}
     assert {k: v for k, v in done["metrics"].items() if k not in drop} == {
         k: v for k, v in again["metrics"].items() if k not in drop}
+
+
+# --- CTKD ------------------------------------------------------------------------------------------
+
+def authors_cosine_decay(epoch, max_value=0.0, min_value=-1.0, loops=10):
+    """CTKD's CosineDecay.get_value (train_student.py): the λ its gradient reversal multiplies by."""
+    epoch = min(max(epoch, 0), loops)
+    return (math.cos(epoch * math.pi / loops) + 1.0) * 0.5 * (max_value - min_value) + min_value
+
+
+def test_ctkd_is_kd_at_its_learned_temperature_with_the_gradient_reversed():
+    loss, nets = pair_loss("loss=ctkd")
+    student, teacher, labels = pair_outputs(*nets)
+    with torch.no_grad():
+        loss.temperature_logit.fill_(0.3)
+    epoch = 4
+    total, parts = loss(student, teacher, labels, Progress(epoch, 1, 20, 1))
+
+    theta = torch.tensor(0.3, requires_grad=True)
+    T = 1.0 + 20.0 * torch.sigmoid(theta)
+    s, t = student.logits.float(), teacher.logits.float()
+    kl = (F.softmax(t / T, 1) * (F.log_softmax(t / T, 1) - F.log_softmax(s / T, 1))).sum(1).mean() * T * T
+    expected = 0.1 * F.cross_entropy(s, labels) + 0.9 * kl
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(parts["temperature"], T.detach())
+
+    total.backward()
+    (theta_grad,) = torch.autograd.grad(expected, theta)
+    lam = authors_cosine_decay(epoch)
+    assert -1 < lam < 0
+    torch.testing.assert_close(loss.temperature_logit.grad[0], lam * theta_grad, rtol=1e-4, atol=1e-7)
+    assert "temperature_logit" in loss.state_dict()
+
+
+def test_ctkd_reversal_follows_the_authors_cosine_curriculum():
+    from kdresearch.losses.ctkd import reversal_strength
+
+    for epoch in (0, 1, 5, 9, 10, 30):
+        assert reversal_strength(epoch, 0.0, 1.0, 10) == pytest.approx(-authors_cosine_decay(epoch), abs=1e-12)
+
+
+def test_ctkd_refuses_a_temperature_range_beyond_the_largest():
+    with pytest.raises(KDResearchError, match=r"loss.T_min \+ loss.T_range must be at most 100"):
+        pair_loss("loss=ctkd", "loss.T_range=120")
