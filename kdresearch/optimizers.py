@@ -102,14 +102,26 @@ def _momentum_step(p: torch.Tensor, state: dict, key: str, d: torch.Tensor, mome
     p.add_(buffer, alpha=-lr)
 
 
+DOT_TARGET = f"{DOT.__module__}.{DOT.__qualname__}"
+
+
+def check_split(optimizer_node: Mapping, loss_fn, loss_name: str, key: str = "optimizer") -> None:
+    """Refuse DOT for a loss it cannot split: DOT needs a distillation loss with a cross-entropy
+    term (a `ce_weight`), and the teacher's own training (cross-entropy alone) has nothing to split."""
+    if optimizer_node.get("_target_") != DOT_TARGET:
+        return
+    if key != "optimizer" or not loss_fn.needs_teacher or not hasattr(loss_fn, "ce_weight"):
+        trained = "the teacher's cross-entropy" if key != "optimizer" else f"loss={loss_name}"
+        raise KDResearchError(f"{key}=dot needs a distillation loss with a cross-entropy term (a ce_weight) to "
+                              f"split into task and distillation gradients; {trained} has none")
+
+
 def backward(optimizer: Optimizer, loss_fn, total: torch.Tensor, parts: Mapping[str, torch.Tensor]) -> None:
     """The training step's backward pass: `total.backward()`, or, for DOT, the task loss (the loss's
-    `ce_weight` times its "ce" part) and the distillation loss (the rest of the total) apart."""
+    `ce_weight` times its "ce" part) and the distillation loss (the rest of the total) apart
+    (`check_split` refused the losses without them before the job started)."""
     if not isinstance(optimizer, DOT):
         total.backward()
         return
-    if "ce" not in parts or not hasattr(loss_fn, "ce_weight") or not loss_fn.needs_teacher:
-        raise KDResearchError(f"optimizer=dot needs a distillation loss with a cross-entropy term "
-                              f"(its parts \"ce\" and a ce_weight); loss={loss_fn.loss_name()} has none")
     task = loss_fn.ce_weight * parts["ce"]
     optimizer.backward_split(task, total - task)

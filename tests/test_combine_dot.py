@@ -253,3 +253,25 @@ def test_ctkd_reversal_follows_the_authors_cosine_curriculum():
 def test_ctkd_refuses_a_temperature_range_beyond_the_largest():
     with pytest.raises(KDResearchError, match=r"loss.T_min \+ loss.T_range must be at most 100"):
         pair_loss("loss=ctkd", "loss.T_range=120")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss=ce", "optimizer=dot"], "optimizer=dot needs a distillation loss with a cross-entropy term (a ce_weight) "
+                                   "to split into task and distillation gradients; loss=ce has none"),
+    (["loss=kd", "optimizer@teacher.optimizer=dot"], "teacher.optimizer=dot needs a distillation loss"),
+])
+def test_dot_refuses_a_loss_it_cannot_split_before_the_job(overrides, message):
+    from kdresearch.config.validation import check_config
+
+    with pytest.raises(KDResearchError, match=re.escape(message)) as error:
+        check_config(compose_config("data=synthetic", *overrides))
+    assert "\n" not in str(error.value)
+    check_config(compose_config("data=synthetic", "loss=dkd", "+loss@loss.at=at", "optimizer=dot"))
+
+
+def test_a_combined_loss_names_its_run_by_its_terms():
+    from kdresearch.config.naming import run_name
+
+    assert run_name(compose_config("model=resnet8", "loss=dkd", "+loss@loss.at=at")) == "resnet8-dkd+at-T4"
+    assert run_name(compose_config("model=resnet8", "loss=combine", "+loss@loss.kd=kd", "+loss@loss.at=at")) == (
+        "resnet8-combine+kd+at")

@@ -8,13 +8,15 @@ from kdresearch.layout import CONF_DIR
 
 
 def run_name(cfg: DictConfig) -> str:
-    """Readable MLflow run names: deep-ce, light-ce, light-kd-T2, light-kd-T4-w0.5, resnet20-dkd-T4-beta4.
+    """Readable MLflow run names: deep-ce, light-ce, light-kd-T2, light-kd-T4-w0.5, resnet20-dkd-T4-beta4,
+    resnet8-dkd+at-T4 (a combined loss: its terms follow the loss name).
 
     The temperature always shows; every other `loss.*` hyperparameter shows when it differs from
     the loss config's default (`w` is the distillation weight, `ce` the cross-entropy weight).
     """
-    name = f"{cfg.model.name}-{cfg.loss.name}"
     values = OmegaConf.to_container(cfg.loss, resolve=True)
+    terms = [key for key, value in values.items() if isinstance(value, dict) and "_target_" in value]
+    name = "-".join([cfg.model.name, "+".join([cfg.loss.name, *terms])])  # a combined loss: resnet8-dkd+at
     defaults = loss_defaults(cfg.loss.name)
     if "T" in values:
         name += f"-T{values['T']:g}"

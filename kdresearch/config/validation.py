@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kdresearch import schedules
+from kdresearch import optimizers, schedules
 from kdresearch.config.flat import flatten
 from kdresearch.config.groups import build
 from kdresearch.config.validators import integer, name, number, switch
@@ -175,8 +175,11 @@ def check_optimizer(optimizer: dict, key: str) -> None:
 def build_on_stand_ins(cfg: DictConfig) -> None:
     """Build the loss (and check it fits the job's epochs), and each optimizer and schedule on one
     stand-in parameter, so that the checks their constructors make run now (their errors name the group: `teacher.optimizer: ...`)."""
-    build_loss(cfg.loss).check_epochs(cfg.epochs)
+    loss = build_loss(cfg.loss)
+    loss.check_epochs(cfg.epochs)
     for prefix, epochs in (("", cfg.epochs), ("teacher.", cfg.teacher.epochs)):
+        optimizers.check_split(OmegaConf.select(cfg, f"{prefix}optimizer"), loss, cfg.loss.name,
+                               f"{prefix}optimizer")
         optimizer = build(OmegaConf.select(cfg, f"{prefix}optimizer"), f"{prefix}optimizer",
                           [torch.nn.Parameter(torch.zeros(1))])
         build(OmegaConf.select(cfg, f"{prefix}scheduler"), f"{prefix}scheduler", optimizer, epochs)
