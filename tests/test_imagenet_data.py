@@ -140,37 +140,56 @@ def test_tiny_imagenet_labels_val_from_its_annotations_in_memory_at_64_px(tiny_f
         load_tiny_imagenet(str(tiny_folder))
 
 
-def test_imagenet_preset_distils_from_a_torchvision_teacher_file(imagenet_folder, store, tmp_path, monkeypatch):
+def record_evaluation_batches(monkeypatch) -> list[int]:
+    """The batch sizes that ImageFolderData.batches is asked for on the test split, from now on."""
+    sizes, batches = [], ImageFolderData.batches
+
+    def recording(self, split, batch_size, *args, **kwargs):
+        if split == "test":
+            sizes.append(batch_size)
+        return batches(self, split, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(ImageFolderData, "batches", recording)
+    return sizes
+
+
+IMAGENET_AT_32_PX = ("data=imagenet", "data.num_classes=3", "data.image_size=32", "data.resize_size=36",
+                     "data.num_workers=0", "batch_size=8")
+
+
+@pytest.mark.slow  # about 30 s: building torchvision's resnet34 and resnet18 dominates
+def test_imagenet_preset_distils_from_a_torchvision_teacher_file(imagenet_folder, store, tmp_path):
     """experiment=imagenet_res34_res18 end to end at 32 px: torchvision's resnet34 state_dict saved
-    as torchvision saves it loads unchanged as the teacher; data.eval_batch_size sets the
-    evaluation batch."""
+    as torchvision saves it loads unchanged as the teacher."""
     import torchvision
 
     teacher_file = tmp_path / "resnet34-test.pth"
     torch.save(torchvision.models.resnet34(num_classes=3).state_dict(), teacher_file)
-    evaluation_batches = []
-    batches = ImageFolderData.batches
-
-    def recording(self, split, batch_size, *args, **kwargs):
-        if split == "test":
-            evaluation_batches.append(batch_size)
-        return batches(self, split, batch_size, *args, **kwargs)
-
-    monkeypatch.setattr(ImageFolderData, "batches", recording)
-    done = check_ok(train_in_process(
-        store, *FAST, "experiment=imagenet_res34_res18", "data=imagenet", f"data.root={imagenet_folder}",
-        "data.num_classes=3", "data.image_size=32", "data.resize_size=36", "data.num_workers=0",
-        "data.eval_batch_size=5", "batch_size=8", "loss=kd", f"teacher.checkpoint={teacher_file}"))
-    assert 5 in evaluation_batches
+    done = check_ok(train_in_process(store, *FAST, "experiment=imagenet_res34_res18", *IMAGENET_AT_32_PX,
+                                     f"data.root={imagenet_folder}", "loss=kd", f"teacher.checkpoint={teacher_file}"))
+    assert f"teacher: loaded from teacher checkpoint {teacher_file}" in done.output
     run = experiment_runs(mlflow_client(store))[-1]
-    assert run.info.status == "FINISHED" and run.data.params["optimizer.lr"] == str(0.1 * 8 / 256)
-    assert run.data.params["data.name"] == "imagenet" and done.result.test_acc >= 0
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == "resnet18"
+    assert run.data.params["loss.name"] == "kd" and done.result.test_acc >= 0
 
 
-def test_res50_mv1_preset_trains_on_tiny_imagenet(tiny_folder, store):
+def test_res50_mv1_preset_trains_on_imagenet_with_lr_scaled_by_the_batch(imagenet_folder, store, monkeypatch):
+    """experiment=imagenet_res50_mv1 end to end at 32 px on the ImageNet layout: lr 0.1 x 8 / 256, and
+    data.eval_batch_size sets the evaluation batch."""
+    evaluation_batches = record_evaluation_batches(monkeypatch)
+    done = check_ok(train_in_process(store, *FAST, "experiment=imagenet_res50_mv1", *IMAGENET_AT_32_PX,
+                                     f"data.root={imagenet_folder}", "data.eval_batch_size=5"))
+    assert evaluation_batches == [5]
+    run = experiment_runs(mlflow_client(store))[-1]
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == "mobilenet_v1"
+    assert float(run.data.params["optimizer.lr"]) == pytest.approx(0.1 * 8 / 256)
+    assert run.data.params["device.precision"] == "fp32" and done.result.test_acc >= 0
+
+
+def test_res50_mv1_preset_trains_on_tiny_imagenet_at_64_px(tiny_folder, store):
     done = check_ok(train_in_process(
         store, *FAST, "experiment=imagenet_res50_mv1", "data=tiny_imagenet", f"data.root={tiny_folder}",
         "data.num_classes=3", "data.num_workers=0", "batch_size=8"))
     run = experiment_runs(mlflow_client(store))[-1]
-    assert run.info.status == "FINISHED" and run.data.params["model.name"] == "mobilenet_v1"
-    assert run.data.params["model.image_size"] == "64" and done.result.test_acc >= 0
+    assert run.info.status == "FINISHED" and run.data.params["model.image_size"] == "64"
+    assert run.data.params["data.augment"] == "True" and done.result.test_acc >= 0
