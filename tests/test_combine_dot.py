@@ -88,6 +88,7 @@ def test_combine_terms_keep_their_methods_defaults_and_name_clashes_get_the_term
     (["loss=kd", "+loss@loss.at=at", "+loss.weights.fitnet=2"], "loss.weights.fitnet: no term of that name"),
     (["loss=kd", "+loss@loss.at=at", "+loss.weights.at=-1"], "loss.weights.at"),
     (["loss=kd", "+loss@loss.ce=ce"], "loss.ce: a later term of a combined loss must have a ce_weight"),
+    (["loss=kd", "+loss@loss.kd=kd"], "loss.kd: loss=kd is already the first term"),
 ])
 def test_combine_refuses_in_one_line(overrides, message):
     with pytest.raises(KDResearchError, match=re.escape(message)) as error:

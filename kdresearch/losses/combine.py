@@ -55,6 +55,9 @@ def build_loss(node: DictConfig) -> TrainingLoss:
     built = {}
     if values["_target_"] != COMBINE_TARGET:
         first = {key: value for key, value in values.items() if key not in terms}
+        if first["name"] in terms:
+            raise KDResearchError(f"loss.{first['name']}: loss={first['name']} is already the first term; "
+                                  f"add other methods as terms")
         built[first["name"]] = build(OmegaConf.create(first), "loss")
     for key, term in terms.items():
         built[key] = build(OmegaConf.create(term), f"loss.{key}")
