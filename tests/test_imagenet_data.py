@@ -86,6 +86,13 @@ def test_training_views_follow_seed_epoch_and_sample_not_the_workers(imagenet_fo
     first = views(0, 1)
     assert torch.equal(first, views(2, 1)) and torch.equal(first, views(0, 1))
     assert not torch.equal(first, views(0, 2))
+    # The teacher's per-view outputs (batches of 256 in stored order) see the crops the student's
+    # shuffled batches of 8 see, sample by sample.
+    data = load_imagenet(str(imagenet_folder), num_classes=3, num_workers=0, image_size=32, resize_size=36)
+    shuffled = data.batches("train", 8, CPU, generator=torch.Generator().manual_seed(1), augment=True,
+                            augment_seed=7)
+    by_sample = {int(i): image for images, _, index in shuffled for i, image in zip(index, images)}
+    assert all(torch.equal(by_sample[i], first[i]) for i in range(len(first)))
 
 
 def test_transforms_match_torchvision_geometry():
