@@ -130,7 +130,7 @@ def test_torchvision_state_dict_loads_as_a_teacher_checkpoint(tmp_path):
     torch.save(torchvision.models.resnet34().state_dict(), file)
     cfg = compose_config("teacher=resnet34", f"teacher.checkpoint={file}", "data.num_classes=1000")
     teacher = build(cfg.teacher.model, "teacher.model")
-    assert obtain_teacher(cfg, teacher, "unused", tracker=None, train=None) is None  # no MLflow run
+    assert obtain_teacher(cfg, teacher, "unused", tracker=None, train=None).run_id is None  # no MLflow run
     saved = torch.load(file, weights_only=True)
     assert all(torch.equal(value, saved[key]) for key, value in teacher.state_dict().items())
 

@@ -43,7 +43,7 @@ def test_cached_run_equals_online_run(tmp_path, teacher_checkpoint, loss):
         result = run_job(cfg, tmp_path / f"job-{cache}")
         run = client.get_run(result.run_id)
         assert run.data.tags["teacher_cache"] == ("used" if cache == "true" else "online")
-        keys = [key for key in run.data.metrics if key != "epoch_seconds"]
+        keys = [key for key in run.data.metrics if key != "epoch_seconds" and not key.startswith("budget/")]  # times, teacher counts differ
         histories[cache] = metric_history(client, result.run_id, keys)
     assert histories["true"].keys() == histories["false"].keys()
     for key, cached in histories["true"].items():
@@ -109,7 +109,7 @@ def test_augmented_views_teacher_equals_online_and_is_shared(tmp_path, teacher_c
     def run(*overrides):
         result = run_job(compose_job(tmp_path, *common, *overrides), tmp_path / f"job-{len(overrides)}-{overrides}")
         run = client.get_run(result.run_id)
-        keys = [key for key in run.data.metrics if key != "epoch_seconds"]
+        keys = [key for key in run.data.metrics if key != "epoch_seconds" and not key.startswith("budget/")]  # times, teacher counts differ
         return run, metric_history(client, result.run_id, keys)
 
     shared_run, shared = run()

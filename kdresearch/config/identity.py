@@ -28,9 +28,9 @@ from kdresearch.config.flat import flatten
 # Top-level config nodes whose keys determine the trained weights.
 TRAINING_ROOTS = ("model", "loss", "optimizer", "scheduler", "seed", "augment_seed", "epochs", "batch_size", "data",
                   "teacher")
-# Keys under those roots that say where things are, not what is trained.
+# Keys under those roots that say where things are, or what is checked, not what is trained.
 LOCATION_KEYS = {"data.root", "data.download", "data.verify", "data.num_workers",
-                 "teacher.checkpoint", "teacher.run_id"}
+                 "teacher.checkpoint", "teacher.run_id", "teacher.accuracy_margin"}
 PRECISION_KEY = "device.precision"  # the one device switch that changes the numbers
 DATA_FINGERPRINT_KEY = "data.fingerprint"
 

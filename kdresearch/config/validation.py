@@ -151,6 +151,7 @@ def check_teacher(flat: dict) -> None:
     integer("teacher.epochs", flat["teacher.epochs"], at_least=1)
     integer("teacher.batch_size", flat["teacher.batch_size"], at_least=1)
     switch("teacher.augment", flat["teacher.augment"])
+    number("teacher.accuracy_margin", flat["teacher.accuracy_margin"], at_least=0)
 
 
 def check_optimizer(optimizer: dict, key: str) -> None:

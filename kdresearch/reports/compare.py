@@ -107,6 +107,24 @@ class RunRecord:
         values = self._values("epoch_seconds")
         return sum(value for _, value in values) if values else None
 
+    @property
+    def agreement(self) -> Optional[float]:
+        """Top-1 agreement with the teacher on the test split at the last epoch (distillation runs)."""
+        return self._last("test/agreement")
+
+    @property
+    def kl_teacher(self) -> Optional[float]:
+        return self._last("test/kl_teacher")
+
+    @property
+    def steps(self) -> Optional[float]:
+        """Optimizer steps (kdresearch.training.budget; None for runs from before budgets)."""
+        return self.metrics.get("budget/steps")
+
+    @property
+    def device_hours(self) -> Optional[float]:
+        return self.metrics.get("budget/device_hours")
+
 
 def _number(text: Optional[str], kind=float):
     if text in (None, "", "None", "null"):
@@ -447,7 +465,8 @@ def write_markdown(rows: Sequence[Row], path: Path, title: str) -> Path:
     return path
 
 
-CSV_STATS = ("init_norm", "final_norm", "final_acc", "best_val_test_acc", "best_acc", "train_seconds")
+CSV_STATS = ("init_norm", "final_norm", "final_acc", "best_val_test_acc", "best_acc", "train_seconds",
+             "agreement", "kl_teacher", "steps", "device_hours")
 
 
 def _difference_columns(prefix: str, difference: Optional[Difference]) -> dict[str, object]:

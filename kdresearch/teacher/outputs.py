@@ -36,6 +36,7 @@ import math
 import os
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -59,6 +60,16 @@ DEFAULT_CACHE_DIR = PROJECT_ROOT / ".cache" / "teacher_outputs"
 ENTRY_FORMAT = 2
 
 
+@dataclass
+class TeacherCounts:
+    """Images the teacher ran forward on and images whose outputs were read from a cache instead,
+    for the job's budget (kdresearch.training.budget). Counted from batch shapes, which the host
+    knows: counting never waits for the device."""
+
+    forwards: int = 0
+    cache_hits: int = 0
+
+
 class OnlineTeacher:
     """Runs the teacher on every batch."""
 
@@ -67,12 +78,15 @@ class OnlineTeacher:
     def start_epoch(self, epoch: int) -> None:
         pass
 
-    def __init__(self, teacher: nn.Module, device: torch.device, precision: str):
+    def __init__(self, teacher: nn.Module, device: torch.device, precision: str,
+                 counts: Optional[TeacherCounts] = None):
         self.teacher = teacher
         self.device, self.precision = device, precision
+        self.counts = counts or TeacherCounts()
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ModelOutputs:
+        self.counts.forwards += images.shape[0]
         with devices.autocast(self.device, self.precision):
             return self.teacher(images, with_features=True)
 
@@ -82,15 +96,18 @@ class CachedTeacher:
 
     used_cache = True
 
-    def __init__(self, outputs: dict[str, torch.Tensor], device: torch.device, num_stages: int):
+    def __init__(self, outputs: dict[str, torch.Tensor], device: torch.device, num_stages: int,
+                 counts: Optional[TeacherCounts] = None):
         self.outputs = outputs
         self.device = device
         self.num_stages = num_stages
+        self.counts = counts or TeacherCounts()  # the entry's build, when this job built it, counted in
 
     def start_epoch(self, epoch: int) -> None:
         pass  # the same outputs in every epoch: the inputs are not augmented
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ModelOutputs:
+        self.counts.cache_hits += index.numel()
         return assemble_outputs({
             field: values[index].to(self.device, non_blocking=True) for field, values in self.outputs.items()
         }, self.num_stages)
@@ -132,11 +149,12 @@ def cache_key(teacher: nn.Module, data: Dataset, precision: str, channels_last: 
 
 @torch.no_grad()
 def _compute(teacher: nn.Module, fields: tuple[str, ...], batches, device: torch.device,
-             precision: str) -> dict[str, torch.Tensor]:
+             precision: str, counts: TeacherCounts) -> dict[str, torch.Tensor]:
     """The teacher's `fields` for every training sample, in stored order (`batches` unshuffled)."""
     parts: dict[str, list[torch.Tensor]] = {field: [] for field in fields}
     for images, _, _ in batches:
         interrupts.check()
+        counts.forwards += images.shape[0]
         with devices.autocast(device, precision):
             out = teacher(images, with_features=True)
         for field, value in select_fields(out, fields).items():
@@ -294,19 +312,21 @@ class ViewsTeacher:
         self.augment_seed, self.path_of_epoch, self.max_gb = augment_seed, path_of_epoch, max_gb
         self.expected = entry_shapes(teacher, fields, data.train_size)
         self.current: Optional[CachedTeacher | OnlineTeacher] = None
+        self.counts = TeacherCounts()  # every epoch's, shared with the epoch's CachedTeacher or OnlineTeacher
 
     def start_epoch(self, epoch: int) -> None:
         batches = self.data.batches("train", 256, self.device, channels_last=self.channels_last, augment=True,
                                     augment_seed=self.augment_seed)
         batches.set_epoch(epoch)
         outputs = _cached(self.path_of_epoch(epoch), self.expected,
-                          lambda: _compute(self.teacher, self.fields, batches, self.device, self.precision),
+                          lambda: _compute(self.teacher, self.fields, batches, self.device, self.precision,
+                                           self.counts),
                           self.max_gb)
         if outputs is None:
             self.used_cache = False
-            self.current = OnlineTeacher(self.teacher, self.device, self.precision)
+            self.current = OnlineTeacher(self.teacher, self.device, self.precision, self.counts)
         else:
-            self.current = CachedTeacher(outputs, self.device, len(self.teacher.stage_channels))
+            self.current = CachedTeacher(outputs, self.device, len(self.teacher.stage_channels), self.counts)
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ModelOutputs:
         return self.current(images, index)
@@ -342,10 +362,12 @@ def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, 
     path = folder / f"{key}-{'-'.join(fields)}.pt"
     expected = entry_shapes(teacher, fields, data.train_size)
     batches = data.batches("train", 256, device, channels_last=channels_last)
-    outputs = _cached(path, expected, lambda: _compute(teacher, fields, batches, device, precision), cache_cfg.max_gb)
+    counts = TeacherCounts()
+    outputs = _cached(path, expected, lambda: _compute(teacher, fields, batches, device, precision, counts),
+                      cache_cfg.max_gb)
     if outputs is None:
-        return OnlineTeacher(teacher, device, precision)
-    return CachedTeacher(outputs, device, len(teacher.stage_channels))
+        return OnlineTeacher(teacher, device, precision, counts)
+    return CachedTeacher(outputs, device, len(teacher.stage_channels), counts)
 
 
 def clear_cache(folder: Optional[Path] = None) -> int:

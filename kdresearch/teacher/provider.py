@@ -22,6 +22,7 @@ from kdresearch.data.splits import Dataset
 from kdresearch.layout import JobFolder
 from kdresearch.runtime import distributed
 from kdresearch.teacher.outputs import CachedTeacher, OnlineTeacher, ViewsTeacher, teacher_outputs
+from kdresearch.teacher.provenance import TeacherSource, weight_digest
 from kdresearch.teacher.sources import obtain_teacher
 from kdresearch.training.resume import job_started
 
@@ -35,11 +36,18 @@ TrainJob = Callable[..., object]
 
 @dataclass
 class TeacherInUse:
-    """The frozen teacher's outputs as the loss reads them, and the MLflow run its weights came
-    from (None when unknown, e.g. a file from elsewhere)."""
+    """The frozen teacher (on the device, in eval mode), its outputs as the loss reads them, where
+    its weights came from and their digest (kdresearch.teacher.provenance)."""
 
+    model: nn.Module
     outputs: Union[OnlineTeacher, CachedTeacher, ViewsTeacher]
-    run_id: Optional[str]
+    source: TeacherSource
+    digest: str
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """The MLflow run its weights came from (None when unknown, e.g. a file from elsewhere)."""
+        return self.source.run_id
 
 
 def provide_teacher(cfg: DictConfig, teacher: nn.Module, fields: tuple[str, ...], data: Dataset,
@@ -50,21 +58,22 @@ def provide_teacher(cfg: DictConfig, teacher: nn.Module, fields: tuple[str, ...]
     prepare the `fields` the loss reads from it. `pinned_run_id` (a resumed job's teacher) wins
     over the automatic search, so a continuation never switches to a newer teacher."""
     with torch.random.fork_rng(devices=[]):  # the student's RNG stream stays untouched
-        run_id = _weights_on_every_rank(cfg, teacher, data_fingerprint, tracker, folder, world,
+        source = _weights_on_every_rank(cfg, teacher, data_fingerprint, tracker, folder, world,
                                         pinned_run_id, train_job)
         distributed.broadcast_module(world, teacher)
+        digest = weight_digest(teacher)
         teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
         outputs = teacher_outputs(teacher, fields, data, device, cfg.device.precision, cfg.device.channels_last,
                                   data.augment, cfg.cache, augment_seed, cfg.epochs)
-    return TeacherInUse(outputs, run_id)
+    return TeacherInUse(teacher, outputs, source, digest)
 
 
 def _weights_on_every_rank(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, tracker,
                            folder: JobFolder, world: distributed.World, pinned_run_id: Optional[str],
-                           train_job: TrainJob) -> Optional[str]:
-    """Rank 0 obtains the weights and returns their run id; when it has to train the teacher, it
-    first sends (TRAIN, the teacher job's config) so that the other ranks run that job with it,
-    and at the end (DONE, run id)."""
+                           train_job: TrainJob) -> TeacherSource:
+    """Rank 0 obtains the weights and returns where they came from; when it has to train the
+    teacher, it first sends (TRAIN, the teacher job's config) so that the other ranks run that job
+    with it, and at the end (DONE, the source)."""
     if not world.is_main:
         while True:
             command, payload = distributed.broadcast_object(world)
@@ -80,6 +89,6 @@ def _weights_on_every_rank(cfg: DictConfig, teacher: nn.Module, data_fingerprint
         distributed.broadcast_object(world, (TRAIN, OmegaConf.to_container(job)))
         return train_job(job, folder.teacher.path, (AUTOMATIC,)).run_id
 
-    run_id = obtain_teacher(cfg, teacher, data_fingerprint, tracker, train=train_teacher, pinned_run_id=pinned_run_id)
-    distributed.broadcast_object(world, (DONE, run_id))
-    return run_id
+    source = obtain_teacher(cfg, teacher, data_fingerprint, tracker, train=train_teacher, pinned_run_id=pinned_run_id)
+    distributed.broadcast_object(world, (DONE, source))
+    return source

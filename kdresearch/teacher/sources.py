@@ -23,6 +23,7 @@ from kdresearch.config.identity import config_identity, identity_hash
 from kdresearch.errors import KDResearchError
 from kdresearch.layout import CONF_DIR
 from kdresearch.models import model_name
+from kdresearch.teacher.provenance import TeacherSource, claimed_accuracy, file_sha256
 from kdresearch.tracking.names import CONFIG_HASH, tag_equals
 from kdresearch.training.weights import CheckpointSource, from_path, from_run, load_weights
 
@@ -53,8 +54,10 @@ def teacher_job_config(cfg: DictConfig) -> DictConfig:
     return job
 
 
-def load_teacher_weights(teacher: nn.Module, source: CheckpointSource) -> None:
+def load_teacher_weights(teacher: nn.Module, source: CheckpointSource) -> TeacherSource:
+    """Load the weights into `teacher`; returns where they came from and what accuracy they claim."""
     load_weights(teacher, source.checkpoint, source.description, "teacher.model", role="the teacher model")
+    return TeacherSource(source.run_id, claimed_acc=claimed_accuracy(source.checkpoint))
 
 
 def named_file(cfg: DictConfig, teacher: nn.Module) -> Optional[Path]:
@@ -73,8 +76,9 @@ def named_file(cfg: DictConfig, teacher: nn.Module) -> Optional[Path]:
 
 
 def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, tracker,
-                   train: Callable[[DictConfig], str], pinned_run_id: Optional[str] = None) -> Optional[str]:
-    """Fill `teacher` with trained weights; return the MLflow run id they came from (None if unknown).
+                   train: Callable[[DictConfig], str], pinned_run_id: Optional[str] = None) -> TeacherSource:
+    """Fill `teacher` with trained weights; return where they came from (its `run_id`: the MLflow
+    run, None if unknown).
 
     `train(job_cfg)` trains a teacher as its own run (kdresearch.teacher.provider: in the student's
     job folder) and returns that run's id.
@@ -84,15 +88,18 @@ def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, t
     file = named_file(cfg, teacher)
     if file is not None:
         source = from_path(file, "teacher checkpoint")
-        load_teacher_weights(teacher, source)
+        found = load_teacher_weights(teacher, source)
         log.info("teacher: loaded from %s%s", source.description, f" (run {source.run_id})" if source.run_id else "")
-        return source.run_id
+        found.file = source.label  # the file read, also when `file` names a job folder
+        found.file_sha256 = file_sha256(Path(source.label))
+        found.weights = str(cfg.teacher.weights) if cfg.teacher.get("weights") else None
+        return found
 
     if cfg.teacher.run_id or pinned_run_id:
         run_id = str(cfg.teacher.run_id or pinned_run_id)
-        load_teacher_weights(teacher, from_run(tracker, run_id, "teacher run"))
+        found = load_teacher_weights(teacher, from_run(tracker, run_id, "teacher run"))
         log.info("teacher: loaded from MLflow run %s", run_id)
-        return run_id
+        return found
 
     job = teacher_job_config(cfg)
     wanted = training_config_hash(job, data_fingerprint)
@@ -106,5 +113,4 @@ def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, t
         else:
             log.info("teacher: no finished run with this training config (%s); training one first", wanted)
             run_id = train(job)
-    load_teacher_weights(teacher, from_run(tracker, run_id, "teacher run"))
-    return run_id
+    return load_teacher_weights(teacher, from_run(tracker, run_id, "teacher run"))

@@ -9,10 +9,12 @@ Hydra sweeper optimises (kdresearch.training.result.objective).
     where it starts      afresh, from a checkpoint, again from epoch 1, or not at all (training.resume)
     student and loss     built and bound to the pair (bind_pair)
     teacher              found, trained or loaded, its outputs ready (teacher_for: teacher.provider)
+    teacher measured     its logits and accuracy on the evaluation splits, its claim checked
+                         (Training.measure_teacher: teacher.provenance)
     resumed              the optimizer, schedule and RNG state of the checkpoint (Training.restore)
     run opened           a new MLflow run, or the continued one reopened (open_run, log_start)
-    epochs               batches, loop, checkpoint, metrics (Training.run_epochs)
-    final                the final checkpoint and the MLflow model (finish)
+    epochs               batches, loop, checkpoint, metrics, fidelity to the teacher (Training.run_epochs)
+    final                the final checkpoint, the MLflow model and the budget (finish: training.budget)
 
 Under torchrun every rank takes every step; rank 0 alone tracks, checkpoints and evaluates.
 """
@@ -45,11 +47,13 @@ from kdresearch.losses.combine import build_loss
 from kdresearch.models import first_layer_norm, model_name, parameter_count
 from kdresearch.runtime import devices, distributed, interrupts
 from kdresearch.sweeps import parent_runs
+from kdresearch.teacher.provenance import check_claim, provenance_tags
 from kdresearch.teacher.provider import TeacherInUse, provide_teacher
 from kdresearch.tracking import names
 from kdresearch.tracking.run import DatasetRecord, NullRun
 from kdresearch.tracking.store import Tracker, check_param_keys
 from kdresearch.training import resume
+from kdresearch.training.budget import Budget
 from kdresearch.training.checkpoint import (
     FORMAT,
     capture_rng,
@@ -57,7 +61,7 @@ from kdresearch.training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from kdresearch.training.loop import evaluate, seed_everything, train_one_epoch
+from kdresearch.training.loop import Predictions, predict, seed_everything, train_one_epoch
 from kdresearch.training.result import JobResult
 
 log = logging.getLogger(__name__)
@@ -135,6 +139,7 @@ class Job:
     where it is tracked (rank 0's MLflow store and parent run; None on the other ranks)."""
 
     def __init__(self, cfg: DictConfig, overrides: tuple[str, ...] = (), sweep: Optional[str] = None):
+        self.started = time.perf_counter()  # the budget's wall time counts from here
         check_config(cfg)
         self.cfg = cfg
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -217,6 +222,27 @@ class Training:
                             if data.has_validation else None)
         self.best: dict[str, float] = {}  # best/val_acc, best/epoch, best/test_acc: the epoch chosen on validation
         self.history: dict[int, dict] = {}  # every epoch's metrics so far, kept in each checkpoint
+        self.budget = Budget(runtime.world, job.started)
+        self.train_size, self.augmented = data.train_size, data.augment
+        self.teacher_logits: dict[str, torch.Tensor] = {}  # split -> the teacher's logits, for fidelity
+        self.teacher_test_acc: Optional[float] = None
+        if teacher is not None and runtime.world.is_main:  # rank 0 alone evaluates
+            self.measure_teacher()
+
+    def measure_teacher(self) -> None:
+        """The teacher's logits on the evaluation splits, once per job (it is frozen), for the
+        student's fidelity every epoch; its test accuracy, checked against its source's claim."""
+        device, precision = self.runtime.device, self.cfg.device.precision
+        for split, batches in (("test", self.test_batches), ("val", self.val_batches)):
+            if batches is None:
+                continue
+            measured = predict(self.teacher.model, batches, device, precision, keep_logits=True)
+            self.teacher.outputs.counts.forwards += measured.labels.numel()
+            self.teacher_logits[split] = measured.logits
+            if split == "test":
+                self.teacher_test_acc = measured.accuracy
+        log.info("teacher: %.2f%% test accuracy on this data", self.teacher_test_acc)
+        check_claim(self.teacher.source, self.teacher_test_acc, self.cfg.teacher.accuracy_margin)
 
     def restore(self, point: Optional[resume.ResumePoint]) -> int:
         """Load the resume point's state; returns the first epoch still to train."""
@@ -228,6 +254,7 @@ class Training:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.loss_fn.load_state_dict(checkpoint["loss"])
         restore_rng(checkpoint["rng"], {"data_order": self.data_order})
+        self.budget.restore(checkpoint.get("budget"))
         self.best = {key: value for key, value in checkpoint["metrics"].items() if key.startswith("best/")}
         self.history = point.history()
         return checkpoint["epoch"] + 1
@@ -252,16 +279,18 @@ class Training:
             self.scheduler.step()
             metrics = distributed.average(world, metrics)
             epoch_seconds = time.perf_counter() - started
+            budget = self.budget.totals(outputs.counts if outputs is not None else None)  # every rank
             if not world.is_main:
                 continue
-            test_acc, test_loss = evaluate(self.student, self.test_batches, device, cfg.device.precision)
-            if not math.isfinite(test_loss):  # finite training losses can still hide inf weights
+            test = self.evaluate("test")
+            if not math.isfinite(test.loss):  # finite training losses can still hide inf weights
                 raise KDResearchError(
-                    f"training diverged: test/loss is {test_loss} after epoch {epoch}; try a lower optimizer.lr"
+                    f"training diverged: test/loss is {test.loss} after epoch {epoch}; try a lower optimizer.lr"
                 )
+            test_acc, test_loss = test.accuracy, test.loss
             metrics.update({
                 "test/acc": test_acc, "test/loss": test_loss, "lr": lr, "epoch_seconds": epoch_seconds,
-                "first_layer_norm": first_layer_norm(self.student),
+                "first_layer_norm": first_layer_norm(self.student), **fidelity_metrics("test", test),
             })
             if self.val_batches is not None:
                 metrics.update(self.validate(epoch, test_acc))
@@ -269,6 +298,7 @@ class Training:
             # writes, or an outage of the tracking server, is repaired on resume by log_missing_epochs.
             self.history[epoch] = metrics
             state = self.checkpoint_state(tracked.run_id, epoch, metrics)
+            state["budget"] = budget
             interrupts.check()
             save_checkpoint(state, folder.epoch_checkpoint(epoch))
             keep_last(folder.checkpoints, EPOCH_CHECKPOINTS, cfg.checkpoint.keep_last)
@@ -277,13 +307,19 @@ class Training:
                      epoch, cfg.epochs, metrics["train/loss"], test_acc, test_loss, lr, epoch_seconds)
         return state
 
+    def evaluate(self, split: str) -> Predictions:
+        """The student on `split` ("test" or "val"), and its fidelity to the teacher's logits there."""
+        batches = self.test_batches if split == "test" else self.val_batches
+        return predict(self.student, batches, self.runtime.device, self.cfg.device.precision,
+                       reference=self.teacher_logits.get(split))
+
     def validate(self, epoch: int, test_acc: float) -> dict:
         """val/acc and val/loss of this epoch, and the best epoch so far chosen on val/acc (ties:
         the earlier epoch) with the test accuracy of that same epoch: the honest figure to report."""
-        val_acc, val_loss = evaluate(self.student, self.val_batches, self.runtime.device, self.cfg.device.precision)
-        if not self.best or val_acc > self.best["best/val_acc"]:
-            self.best = {"best/val_acc": val_acc, "best/epoch": float(epoch), "best/test_acc": test_acc}
-        return {"val/acc": val_acc, "val/loss": val_loss, **self.best}
+        val = self.evaluate("val")
+        if not self.best or val.accuracy > self.best["best/val_acc"]:
+            self.best = {"best/val_acc": val.accuracy, "best/epoch": float(epoch), "best/test_acc": test_acc}
+        return {"val/acc": val.accuracy, "val/loss": val.loss, **fidelity_metrics("val", val), **self.best}
 
     def checkpoint_state(self, run_id: str, epoch: int, metrics: dict) -> dict:
         """The checkpoint of this epoch (kdresearch.training.checkpoint: the format)."""
@@ -297,6 +333,15 @@ class Training:
             "identity": self.identity, "num_classes": self.student.num_classes, "metrics": metrics,
             "history": {str(step): values for step, values in self.history.items()},
         }
+
+
+def fidelity_metrics(split: str, predictions: Predictions) -> dict[str, float]:
+    """`<split>/agreement` (top-1 agreement with the teacher, percent) and `<split>/kl_teacher`
+    (mean KL(teacher || student) at T = 1): fidelity and accuracy can diverge (Stanton et al.,
+    2021, "Does knowledge distillation really work?"). None without a teacher."""
+    if predictions.agreement is None:
+        return {}
+    return {f"{split}/agreement": predictions.agreement, f"{split}/kl_teacher": predictions.kl_to_reference}
 
 
 # --- run opened -----------------------------------------------------------------------------------
@@ -322,8 +367,8 @@ def open_run(job: Job, start: resume.JobStart, folder: JobFolder, training: Trai
             names.OUTPUT_DIR: str(folder.path.resolve()),
             names.OVERRIDES: " ".join(job.overrides),
         }
-        if training.teacher is not None and training.teacher.run_id:
-            tags[names.TEACHER_RUN_ID] = training.teacher.run_id
+        if training.teacher is not None:
+            tags.update(provenance_tags(training.teacher.source, training.teacher.digest, training.teacher_test_acc))
         if job.sweep:
             tags[names.SWEEP] = job.sweep
         params = {**job.params, "parameter_count": parameter_count(training.student)}
@@ -365,16 +410,21 @@ def log_start(job: Job, tracked, training: Training, resumed: bool) -> None:
 # --- final artifacts and model --------------------------------------------------------------------
 
 def finish(job: Job, tracked, training: Training, state: dict, folder: JobFolder) -> Path:
-    """Save the final checkpoint (also as the run's artifact), the MLflow model and the
-    teacher-cache tag."""
+    """Save the final checkpoint (also as the run's artifact), the MLflow model, the
+    teacher-cache tag and the budget (kdresearch.training.budget)."""
     final = folder.final_checkpoint
+    outputs = training.teacher.outputs if training.teacher is not None else None
+    totals = training.budget.totals(outputs.counts if outputs is not None else None)  # every rank
     if job.runtime.world.is_main:
+        state["budget"] = totals
         save_checkpoint(state, final)
         tracked.log_file(final, CHECKPOINT_DIR)  # the artifact layout.FINAL_CHECKPOINT
         if job.cfg.tracking.log_model:
             log_model(tracked, training.student, training.test_batches, job.cfg.tracking.register_model)
         if training.teacher is not None:
             tracked.set_tags({names.TEACHER_CACHE: "used" if training.teacher.outputs.used_cache else "online"})
+        tracked.log_metrics(training.budget.metrics(totals, state["epoch"], len(training.train_batches),
+                                                    training.train_size, training.augmented), step=state["epoch"])
     return final
 
 

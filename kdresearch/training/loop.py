@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -32,11 +33,15 @@ def forward(model: nn.Module, images: torch.Tensor, with_features: bool) -> Mode
 
 @dataclass
 class Predictions:
-    """One pass of a model over a split: each image's predicted class and label, and the loss."""
+    """One pass of a model over a split: each image's predicted class and label, and the loss; with
+    `keep_logits`, every image's logits; against a reference's logits, the fidelity to it."""
 
     predicted: torch.Tensor  # int64 (N,), on the model's device
     labels: torch.Tensor  # int64 (N,), on the model's device
     loss: float  # mean cross-entropy; NaN or inf when some logits are not finite
+    logits: Optional[torch.Tensor] = None  # float32 (N, classes), in stored order, with keep_logits
+    agreement: Optional[float] = None  # percent of images whose top-1 class is the reference's
+    kl_to_reference: Optional[float] = None  # mean KL(reference || model) at temperature 1
 
     @property
     def accuracy(self) -> float:
@@ -44,25 +49,46 @@ class Predictions:
         return 100.0 * (self.predicted == self.labels).sum().item() / self.labels.numel()
 
 
+def kl_sum(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Sum over the rows of KL(softmax(reference) || softmax(logits)), in float32 (a device scalar)."""
+    return F.kl_div(F.log_softmax(logits.float(), dim=1), F.log_softmax(reference_logits.float(), dim=1),
+                    reduction="sum", log_target=True)
+
+
 @torch.no_grad()
-def predict(model: nn.Module, batches, device: torch.device, precision: str) -> Predictions:
+def predict(model: nn.Module, batches, device: torch.device, precision: str, keep_logits: bool = False,
+            reference: Optional[torch.Tensor] = None) -> Predictions:
     """Run `model` (in eval mode) over `batches` of (images, labels, index): the one evaluation
-    loop, behind both the trainer's test/val metrics and scripts/evaluate.py. Nothing is read back
+    loop, behind the trainer's test/val metrics, the teacher's measured accuracy and logits
+    (`keep_logits`) and scripts/evaluate.py. With `reference`, the logits of another model (the
+    teacher) for every image of the split, indexed like the batches' index, the pass also measures
+    the model's fidelity to it: top-1 agreement and KL(reference || model). Nothing is read back
     from the device until the pass is over (a read per batch would make the host wait each time)."""
     model.eval()
-    predicted, labels_seen, loss_sums = [], [], []
-    for images, labels, _ in batches:
+    predicted, labels_seen, loss_sums, kept, agreements, kl_sums = [], [], [], [], [], []
+    for images, labels, index in batches:
         interrupts.check()
         with devices.autocast(device, precision):
             logits = model(images)
         loss_sums.append(F.cross_entropy(logits.float(), labels, reduction="sum"))
         predicted.append(logits.argmax(dim=1))
         labels_seen.append(labels)
+        if keep_logits:
+            kept.append(logits.float())
+        if reference is not None:
+            reference_logits = reference[index.to(reference.device)]
+            agreements.append((predicted[-1] == reference_logits.argmax(dim=1)).sum())
+            kl_sums.append(kl_sum(reference_logits, logits))
     if not predicted:
         raise KDResearchError("the split to evaluate on holds no images")
     labels = torch.cat(labels_seen)
-    loss = torch.stack(loss_sums).cpu().double().sum().item() / labels.numel()
-    return Predictions(torch.cat(predicted), labels, loss)
+    count = labels.numel()
+    loss = torch.stack(loss_sums).cpu().double().sum().item() / count
+    predictions = Predictions(torch.cat(predicted), labels, loss, torch.cat(kept) if keep_logits else None)
+    if reference is not None:
+        predictions.agreement = 100.0 * torch.stack(agreements).sum().item() / count
+        predictions.kl_to_reference = torch.stack(kl_sums).double().sum().item() / count
+    return predictions
 
 
 def evaluate(model: nn.Module, batches, device: torch.device, precision: str) -> tuple[float, float]:
