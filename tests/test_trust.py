@@ -14,6 +14,8 @@ from torch import nn
 
 from conftest import FAST, compose_config, experiment_runs, mlflow_client, train_in_process
 from kdresearch.config.groups import build
+from kdresearch.config.validation import check_config
+from kdresearch.errors import KDResearchError
 from kdresearch.reports.compare import build_rows, read_run, write_csv
 from kdresearch.teacher.provenance import TeacherSource, check_claim, claimed_accuracy, weight_digest
 from kdresearch.tracking import names
@@ -71,6 +73,12 @@ def test_a_teacher_within_the_margin_of_its_claim_gives_no_warning(caplog):
         check_claim(TeacherSource("r", claimed_acc=75.0), 70.5, margin=5)
         check_claim(TeacherSource(None), 10.0, margin=5)  # claims nothing
     assert not caplog.records
+
+
+def test_a_negative_accuracy_margin_is_refused_in_one_line():
+    with pytest.raises(KDResearchError, match=r"^teacher\.accuracy_margin") as error:
+        check_config(compose_config("loss=kd", "teacher.accuracy_margin=-1"))
+    assert "\n" not in str(error.value)
 
 
 def metric_steps(client, run_id: str, key: str) -> list[int]:
