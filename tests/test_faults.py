@@ -185,12 +185,13 @@ def only_run(store: Path):
 
 
 def metric_histories(store: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """{key: [(step, value), ...]} of every metric but the wall-clock epoch_seconds."""
+    """{key: [(step, value), ...]} of every metric but the wall-clock epoch_seconds and the budget
+    (its times, and the teacher's evaluation pass each attempt makes)."""
     client = mlflow_client(store)
     keys = sorted(client.get_run(run_id).data.metrics)
     return {
         key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-        for key in keys if key != "epoch_seconds"
+        for key in keys if key != "epoch_seconds" and not key.startswith("budget/")
     }
 
 

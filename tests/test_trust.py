@@ -7,6 +7,7 @@ import csv
 import hashlib
 import logging
 import math
+import shutil
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from kdresearch.errors import KDResearchError
 from kdresearch.reports.compare import build_rows, read_run, write_csv
 from kdresearch.teacher.provenance import TeacherSource, check_claim, claimed_accuracy, weight_digest
 from kdresearch.tracking import names
+from kdresearch.training.checkpoint import load_checkpoint
 from kdresearch.training.loop import predict
 from kdresearch.training.weights import from_path
 
@@ -124,6 +126,21 @@ def test_kd_job_logs_fidelity_per_epoch_its_teacher_run_provenance_and_its_budge
     assert float(line["agreement_mean"]) == pytest.approx(student.data.metrics["test/agreement"])
     assert float(line["kl_teacher_mean"]) == pytest.approx(student.data.metrics["test/kl_teacher"])
     assert float(line["steps_mean"]) == 4 and float(line["device_hours_mean"]) == pytest.approx(budget["device_hours"])
+
+    # resumed after epoch 1: the budget adds up both attempts (the second measures the teacher
+    # again, 128 + 64 images, and reads the cache its first attempt built)
+    interrupted = store / "interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    shutil.copy(job.run_dir / "checkpoints" / "epoch_0001.pt", interrupted / "checkpoints")
+    client.set_terminated(run_id, "KILLED")  # as a stopped job leaves it
+    resumed = train_in_process(store, *KD, "epochs=2", "data.val_size=64", f"resume={interrupted}")
+    assert resumed.returncode == 0 and resumed.result.run_id == run_id, resumed.stdout
+    metrics = client.get_run(run_id).data.metrics
+    assert (metrics["budget/steps"], metrics["budget/images"]) == (4, 384)
+    assert metrics["budget/teacher_forwards"] == 2 * (192 + 128 + 64) - 192
+    assert metrics["budget/teacher_cache_hits"] == 384
+    first_attempt = load_checkpoint(interrupted / "checkpoints" / "epoch_0001.pt")["budget"]["wall_seconds"]
+    assert metrics["budget/wall_hours"] > first_attempt / 3600
 
 
 def test_a_file_teacher_is_recorded_and_one_that_measures_far_below_its_claim_is_warned_about(store):
