@@ -117,6 +117,9 @@ def test_kd_job_logs_fidelity_per_epoch_its_teacher_run_provenance_and_its_budge
     assert budget["views_per_image"] == 1
     assert budget["teacher_forwards"] == 192 + 128 + 64 and budget["teacher_cache_hits"] == 384
     assert 0 < budget["wall_hours"] == budget["device_hours"]
+    # the automatic teacher trained inside this job is a run with its own budget, left out of the student's
+    teacher_seconds = (teacher_run.info.end_time - teacher_run.info.start_time) / 1000
+    assert budget["wall_hours"] * 3600 < job.seconds - teacher_seconds
     assert teacher_run.data.metrics["budget/teacher_forwards"] == 0  # a run without a teacher
 
     # the comparison's CSV carries fidelity and budget columns

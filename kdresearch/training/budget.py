@@ -7,7 +7,8 @@ Counts follow from the data and the epochs trained, and from the teacher-output 
 (kdresearch.teacher.outputs.TeacherCounts), which count on the host: nothing here reads from the
 device during training. Wall time and teacher counts of a job stopped and resumed add up over its
 attempts (the checkpoint keeps the totals so far); under torchrun the teacher counts are summed
-over the ranks.
+over the ranks. The wall time runs from the job's start to its end, less an automatic teacher
+trained inside it (that teacher's run has its own budget).
 """
 
 from __future__ import annotations

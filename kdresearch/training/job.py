@@ -139,7 +139,7 @@ class Job:
     where it is tracked (rank 0's MLflow store and parent run; None on the other ranks)."""
 
     def __init__(self, cfg: DictConfig, overrides: tuple[str, ...] = (), sweep: Optional[str] = None):
-        self.started = time.perf_counter()  # the budget's wall time counts from here
+        self.started = time.perf_counter()  # the budget's wall time counts from here (less a teacher job's)
         check_config(cfg)
         self.cfg = cfg
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -191,9 +191,17 @@ def teacher_for(job: Job, pair: Pair, data: Dataset, fingerprint: str, folder: J
         return None
     pinned = point.checkpoint.get("teacher_run_id") if point else None
     runtime = job.runtime
+
+    def train_teacher_job(*args, **kwargs) -> JobResult:
+        started = time.perf_counter()
+        try:
+            return run_job(*args, **kwargs)
+        finally:  # the teacher's run has a budget of its own: this job's wall time leaves it out
+            job.started += time.perf_counter() - started
+
     return provide_teacher(job.cfg, pair.teacher, pair.loss_fn.teacher_fields, data, fingerprint, job.tracker,
                            folder, runtime.world, runtime.device, runtime.memory_format, job.augment_seed, pinned,
-                           train_job=run_job)
+                           train_job=train_teacher_job)
 
 
 # --- resumed, epochs ------------------------------------------------------------------------------
