@@ -5,6 +5,7 @@ by name from torch's hub cache, never downloaded), and a ResNet-34 -> ResNet-18 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -149,8 +150,11 @@ def test_teacher_weights_name_a_file_in_the_hub_cache(hub):
     weights = torchvision.models.resnet34().state_dict()
     torch.save(weights, hub / RESNET34_FILE)
     assert named_file(cfg, teacher) == hub / RESNET34_FILE
-    obtain_teacher(cfg, teacher, "unused", tracker=None, train=None)
+    source = obtain_teacher(cfg, teacher, "unused", tracker=None, train=None)
     assert all(torch.equal(value, weights[key]) for key, value in teacher.state_dict().items())
+    # provenance: torchvision's name, the file and its sha256
+    assert (source.weights, source.file) == ("IMAGENET1K_V1", str((hub / RESNET34_FILE).resolve()))
+    assert source.file_sha256 == hashlib.sha256((hub / RESNET34_FILE).read_bytes()).hexdigest()
     default = compose_config("teacher=resnet34", "teacher.weights=DEFAULT")  # torchvision's alias of V1
     assert named_file(default, teacher) == hub / RESNET34_FILE
 
