@@ -15,18 +15,12 @@ system's /usr/bin/chromium (apt-get install chromium).
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
+from processes import free_port, start_mlflow
 
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -44,69 +38,16 @@ def require_browser():
     return pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _log_tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
-
-
-def wait_for_health(url: str, server: subprocess.Popen, log: Path, timeout: float = SERVER_START_SECONDS) -> None:
-    """Return once `url`/health answers OK; fail with the server's log when it exits or the time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow ui exited with {server.returncode}:\n{_log_tail(log)}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                if response.read().strip() == b"OK":
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow ui did not answer {url}/health in {timeout:.0f} s:\n{_log_tail(log)}")
-
-
-def stop_group(process: subprocess.Popen, timeout: float = SERVER_STOP_SECONDS) -> None:
-    """End a process started with `start_new_session=True` and everything it started (the server's
-    workers): SIGTERM to its group, SIGKILL when it is still there after `timeout` seconds."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # the leader may be gone while its workers still hold the group
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
 @contextmanager
 def mlflow_ui(uri: str, log_path: Path, timeout: float = SERVER_START_SECONDS) -> Iterator[str]:
     """`python -m mlflow ui` (the README's command) on the tracking store `uri` and a free port, as
     its own process group; yields its base URL once /health answers, and always stops the group.
     The server's output goes to `log_path`; it runs in that file's folder."""
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with log_path.open("w") as handle:
-        server = subprocess.Popen(command, cwd=log_path.parent, stdout=handle, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    server, url = start_mlflow("ui", ["--backend-store-uri", uri], log_path, free_port(), timeout)
     try:
-        wait_for_health(url, server, log_path, timeout)
         yield url
     finally:
-        stop_group(server)
+        server.stop(SERVER_STOP_SECONDS)
 
 
 @contextmanager

@@ -87,9 +87,11 @@ def new_store(folder: Path) -> Path:
 
 
 def mlflow_client(store: Path):
+    """An MlflowClient on `store`'s SQLite database. A store that has none yet gets a copy of the
+    migrated empty one first: the client would create and migrate it itself, seconds per store."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri(store))
+    return MlflowClient(tracking_uri(new_store(store)))
 
 
 def experiment_runs(client, experiment: str = EXPERIMENT, filter_string: str = ""):

@@ -9,8 +9,8 @@ seeds 42 and 43, student KD at seed 42 (sweep "sweep-a"), and a multimargin stud
 from __future__ import annotations
 
 import csv
+import importlib.util
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 from browser import UI_TIMEOUT_MS, browser_page, mlflow_ui, require_browser
-from conftest import FAST
-from hydra import compose, initialize_config_dir
+from conftest import FAST, REPO_ROOT, compose_job, run_command
 from mlflow.tracking import MlflowClient
 
 from kdresearch.errors import KDResearchError
@@ -38,9 +37,7 @@ from kdresearch.reports.compare import (
 from kdresearch.tracking.store import Tracker
 from kdresearch.training.job import run_job
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF = REPO_ROOT / "conf"
-SMALL = ["data=synthetic", *FAST, "epochs=2", "teacher.epochs=2", "device=cpu"]  # the deep run is the teacher
+SMALL = [*FAST, "epochs=2", "teacher.epochs=2", "device=cpu"]  # the deep run is the teacher
 JOBS = {  # key: (overrides, sweep tag)
     "teacher": (["model=deep"], "sweep-a"),
     "ce42": (["loss=ce"], "sweep-a"),
@@ -63,19 +60,13 @@ class Store:
         return sorted((m.step, m.value) for m in self.client.get_metric_history(self.ids[key], "test/acc"))[-1][1]
 
 
-def compose_job(folder: Path, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=SMALL + [
-            f"tracking.uri=sqlite:///{folder / 'mlflow.db'}", f"cache.dir={folder / 'cache'}", *overrides,
-        ])
-
-
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory) -> Store:
     folder = tmp_path_factory.mktemp("compare")
     ids = {}
     for key, (overrides, sweep) in JOBS.items():
-        ids[key] = run_job(compose_job(folder, overrides), folder / key, overrides=tuple(overrides), sweep=sweep).run_id
+        ids[key] = run_job(compose_job(folder, *SMALL, *overrides), folder / key, overrides=tuple(overrides),
+                           sweep=sweep).run_id
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     tracker = Tracker(uri, "kdresearch")
     comparison = compare(tracker, select_runs(tracker), folder / "out", name="comparison-test",
@@ -241,30 +232,32 @@ def test_rows_newest_run_per_seed_and_readable_labels():
         build_rows(records, baseline="x")
 
 
-def test_compare_script(compared, tmp_path):
+def test_compare_script(compared, tmp_path, capsys):
+    """scripts/compare.py: `--help` as a real process, the comparisons through its main()."""
     script = REPO_ROOT / "scripts" / "compare.py"
-    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    done = run_command([sys.executable, str(script), "--help"], timeout=120)
     assert done.returncode == 0 and "--sweep" in done.stdout and "--run-ids" in done.stdout
+    spec = importlib.util.spec_from_file_location("compare_script", script)
+    compare_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_script)
     out = tmp_path / "cli"
-    done = subprocess.run(
-        [sys.executable, str(script), "--tracking-uri", compared.uri, "--sweep", "sweep-a", "--out", str(out),
-         "--name", "comparison-cli"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    status = compare_script.main(["--tracking-uri", compared.uri, "--sweep", "sweep-a", "--out", str(out),
+                                  "--name", "comparison-cli"])
+    printed = capsys.readouterr()
+    assert status == 0, printed.out + printed.err
     for name in ("deep-ce", "light-ce", "light-kd-T2", "baseline"):
-        assert name in done.stdout
-    assert "multimargin" not in done.stdout
+        assert name in printed.out
+    assert "multimargin" not in printed.out
     assert all((out / f"comparison.{ext}").is_file() for ext in ("md", "csv", "png"))
     summaries = compared.client.search_runs([compared.tracker.experiment_id], "tags.role = 'summary'")
     assert "comparison-cli" in {run.info.run_name for run in summaries}
-    done = subprocess.run([sys.executable, str(script), "--tracking-uri", compared.uri, "--sweep", "nope"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 1 and done.stderr.startswith("error: no runs matching")
+    status = compare_script.main(["--tracking-uri", compared.uri, "--sweep", "nope"])
+    assert status == 1 and capsys.readouterr().err.startswith("error: no runs matching")
 
 
 # --- the MLflow UI in a real browser -------------------------------------------------------------------
 
+@pytest.mark.slow  # a server and a browser
 def test_mlflow_ui_lists_runs_and_comparison(compared, tmp_path):
     require_browser()
     experiment = compared.tracker.experiment_id

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import CONF_DIR, compose_config
 from omegaconf import OmegaConf
 
 from kdresearch.config.groups import build
@@ -17,7 +15,6 @@ from kdresearch.errors import KDResearchError
 from kdresearch.losses.base import TrainingLoss
 from kdresearch.losses.kd import SoftTargetKD
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_GROUPS = ("model", "teacher", "loss", "optimizer", "scheduler", "device", "data")
 # Folders of configs that groups include (teacher_recipe: the shared part of every teacher option).
 INCLUDED_ONLY = ("teacher_recipe",)
@@ -36,11 +33,6 @@ def group_options():
     return found
 
 
-def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 def test_every_default_group_has_options():
     groups = {group for group, _ in group_options()}
     assert set(DEFAULT_GROUPS) <= groups
@@ -54,7 +46,7 @@ def test_every_default_group_has_options():
 
 
 def test_defaults_are_the_tutorials():
-    cfg = make_cfg()
+    cfg = compose_config()
     assert (cfg.model.name, cfg.teacher.model.name, cfg.loss.name, cfg.optimizer.name, cfg.data.name) == (
         "light", "deep", "ce", "adam", "cifar10")
     assert (cfg.seed, cfg.batch_size, cfg.T) == (42, 128, 2)
@@ -104,7 +96,7 @@ def test_group_option_composes_and_instantiates(group, option):
         overrides = [f"{group}={option}", "data=synthetic", *SMALL_SYNTHETIC]
     else:  # presets outside the defaults list
         overrides = [f"+{group}={option}"]
-    cfg = make_cfg(*overrides)
+    cfg = compose_config(*overrides)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     if group == "teacher":
         assert cfg.teacher.model.name == option
@@ -118,45 +110,45 @@ def test_group_option_composes_and_instantiates(group, option):
         assert cfg.device.type in ("auto", "cpu", "cuda", "mps")
         assert cfg.device.precision in ("fp32", "bf16")
     if group not in DEFAULT_GROUPS and cfg.data.name == "synthetic":
-        cfg = make_cfg(*overrides, *SMALL_SYNTHETIC)
+        cfg = compose_config(*overrides, *SMALL_SYNTHETIC)
     instantiate_everything(cfg)
 
 
 def test_synthetic_sizes_come_from_the_config():
-    cfg = make_cfg("data=synthetic", "data.num_train=40", "data.num_test=24", "data.limit_test=8")
+    cfg = compose_config("data=synthetic", "data.num_train=40", "data.num_test=24", "data.limit_test=8")
     data = build(cfg.data, "data")
     assert data.train_images.shape == (40, 3, 32, 32) and data.test_images.shape == (8, 3, 32, 32)
     assert data.train_images.dtype == torch.uint8
 
 
 def test_cifar10_composes_with_its_options():
-    cfg = make_cfg("data=cifar10", "data.root=/somewhere", "data.verify=false", "data.download=false",
+    cfg = compose_config("data=cifar10", "data.root=/somewhere", "data.verify=false", "data.download=false",
                    "data.limit_train=100")
     assert cfg.data._target_ == "kdresearch.data.load_cifar10"
     assert (cfg.data.root, cfg.data.verify, cfg.data.download, cfg.data.limit_train) == ("/somewhere", False, False, 100)
 
 
 def test_kd_temperature_flows_from_the_short_key():
-    cfg = make_cfg("loss=kd", "T=4")
+    cfg = compose_config("loss=kd", "T=4")
     assert cfg.loss.T == 4
     loss = build(cfg.loss, "loss")
     assert isinstance(loss, SoftTargetKD) and loss.T == 4.0
     assert (loss.ce_weight, loss.distill_weight) == (0.75, 0.25)
     assert run_name(cfg) == "light-kd-T4"
-    assert make_cfg("loss=kd").loss.T == 2
-    assert run_name(make_cfg("loss=kd")) == "light-kd-T2"
-    assert run_name(make_cfg("model=deep")) == "deep-ce"
+    assert compose_config("loss=kd").loss.T == 2
+    assert run_name(compose_config("loss=kd")) == "light-kd-T2"
+    assert run_name(compose_config("model=deep")) == "deep-ce"
 
 
 def test_kd_bad_temperature_is_refused():
     with pytest.raises(KDResearchError, match="T must be a number, got 'abc'"):
-        check_config(make_cfg("loss=kd", "T=abc"))
+        check_config(compose_config("loss=kd", "T=abc"))
     with pytest.raises(KDResearchError, match="T must be"):
-        build(make_cfg("loss=kd", "T=0").loss, "loss")
+        build(compose_config("loss=kd", "T=0").loss, "loss")
 
 
 def test_sgd_options_reach_torch():
-    cfg = make_cfg("optimizer=sgd", "optimizer.lr=0.05", "optimizer.momentum=0.8", "optimizer.nesterov=true",
+    cfg = compose_config("optimizer=sgd", "optimizer.lr=0.05", "optimizer.momentum=0.8", "optimizer.nesterov=true",
                    "optimizer.weight_decay=0.001", "optimizer.maximize=false")
     optimizer = build(cfg.optimizer, "optimizer", [torch.nn.Parameter(torch.zeros(3))])
     assert isinstance(optimizer, torch.optim.SGD)
@@ -166,7 +158,7 @@ def test_sgd_options_reach_torch():
 
 
 def test_sgd_nesterov_without_momentum_is_a_one_line_error():
-    cfg = make_cfg("optimizer=sgd", "optimizer.nesterov=true", "optimizer.momentum=0")
+    cfg = compose_config("optimizer=sgd", "optimizer.nesterov=true", "optimizer.momentum=0")
     with pytest.raises(KDResearchError) as raised:
         build(cfg.optimizer, "optimizer", [torch.nn.Parameter(torch.zeros(3))])
     message = str(raised.value)
@@ -178,14 +170,13 @@ def test_unknown_option_is_refused_by_hydra():
     from hydra.errors import MissingConfigException
 
     with pytest.raises(MissingConfigException, match="loss/nope"):
-        make_cfg("loss=nope")
+        compose_config("loss=nope")
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_memory_applies_on_glibc_and_is_on_by_default():
     from kdresearch.runtime import devices
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        assert compose("config").device.keep_freed_memory is True
+    assert compose_config().device.keep_freed_memory is True
     assert devices.keep_freed_memory(True) is True
     assert devices.keep_freed_memory(False) is False

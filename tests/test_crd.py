@@ -6,8 +6,6 @@ update; and one short training job."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,13 +13,13 @@ import pytest
 import torch
 from conftest import (
     CONF_DIR,
-    REPO_ROOT,
     check_ok,
     experiment_runs,
     mlflow_client,
-    run_train,
+    train_in_process,
 )
 from omegaconf import OmegaConf
+from processes import Process
 from torch.nn import functional as F
 
 from kdresearch.errors import KDResearchError
@@ -355,17 +353,14 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # two gloo processes
 def test_bank_update_gathers_all_ranks(tmp_path):
     script = tmp_path / "ddp_crd.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path / "store"),
-                               str(tmp_path / f"rank{rank}.pt")], env=env, cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
+    procs = [Process([sys.executable, script, rank, tmp_path / "store", tmp_path / f"rank{rank}.pt"],
+                     tmp_path / f"rank{rank}.log", one_thread=True) for rank in (0, 1)]
     for proc in procs:
-        output, _ = proc.communicate(timeout=180)
-        assert proc.returncode == 0, output[-3000:]
+        proc.check_ok(timeout=180)
     states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
 
     gen = torch.Generator().manual_seed(1)
@@ -394,7 +389,7 @@ def test_bank_update_gathers_all_ranks(tmp_path):
 # --- one short training job ------------------------------------------------------------------------
 
 def test_training_job_logs_crd(store):
-    done = check_ok(run_train(store, "debug=tiny", "loss=crd", "loss.nce_k=64"))
+    done = check_ok(train_in_process(store, "debug=tiny", "loss=crd", "loss.nce_k=64"))
     runs = experiment_runs(mlflow_client(store))
     student = [run for run in runs if run.data.tags.get("loss") == "crd"]
     assert len(student) == 1, done.output[-3000:]

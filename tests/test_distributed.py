@@ -1,14 +1,17 @@
-"""Data-parallel training under torchrun: 2 CPU processes with the gloo backend."""
+"""Data-parallel training under torchrun: 2 CPU processes with the gloo backend (-m slow: each
+job is a launcher and two ranks)."""
 
-import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from conftest import run_command
 from mlflow.tracking import MlflowClient
+from processes import Process
 
 from kdresearch.training.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def test_torchrun_two_processes_one_run_per_job(tmp_path):
@@ -18,7 +21,7 @@ def test_torchrun_two_processes_one_run_per_job(tmp_path):
         "loss=regressor", "data=synthetic", "debug=tiny", "epochs=2", "teacher.epochs=2", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"cache.dir={tmp_path / 'cache'}",
         f"hydra.run.dir={run_dir}",
     ]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_command(command)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -66,34 +69,25 @@ def histories(client, run_id: str) -> dict:
 def test_torchrun_job_with_a_killed_rank_resumes_to_the_uninterrupted_result(tmp_path):
     """SIGKILL to one of two ranks mid-epoch 2; torchrun ... resume=<job folder> ends with the
     metrics and weights of the same job run without interruption."""
-    import os
     import signal
-    import time
 
     import psutil
     import torch
 
     baseline_store, store = tmp_path / "baseline", tmp_path / "killed"
-    done = subprocess.run(torchrun(baseline_store, "job"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_command(torchrun(baseline_store, "job"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    log_path = tmp_path / "killed.log"
-    with open(log_path, "w") as log:
-        launcher = subprocess.Popen(torchrun(store, "job"), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    launcher = Process(torchrun(store, "job"), tmp_path / "killed.log")
     first = store / "job" / "checkpoints" / "epoch_0001.pt"
-    deadline = time.monotonic() + 300
-    while not first.exists():
-        assert launcher.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-        time.sleep(0.02)
+    launcher.wait_until(first.exists, first.name)
     ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
     assert len(ranks) == 2, ranks
     ranks[-1].send_signal(signal.SIGKILL)  # one rank dies, mid-epoch 2
     assert launcher.wait(timeout=300) != 0
     assert not (store / "job" / "checkpoints" / "final.pt").exists()
 
-    resumed = subprocess.run(torchrun(store, "resumed", f"resume={store / 'job'}"), cwd=ROOT, capture_output=True,
-                             text=True, timeout=600)
+    resumed = run_command(torchrun(store, "resumed", f"resume={store / 'job'}"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
     baseline_client, client = (MlflowClient(f"sqlite:///{folder / 'mlflow.db'}") for folder in (baseline_store, store))

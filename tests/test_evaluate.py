@@ -10,8 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import CONF_DIR, FAST, REPO_ROOT, tracking_uri
-from hydra import compose, initialize_config_dir
+from conftest import FAST, REPO_ROOT, compose_job, tracking_uri
 from mlflow.tracking import MlflowClient
 
 from kdresearch.reports.evaluation import confusion_matrix, per_class_accuracy
@@ -57,11 +56,7 @@ def job(tmp_path_factory):
     """One tiny LightNN job on synthetic data (1 epoch, 256 / 128 images) in a temporary store."""
     folder = tmp_path_factory.mktemp("evaluate")
     store = folder / "store"
-    store.mkdir()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["data=synthetic", *FAST, f"tracking.uri={tracking_uri(store)}",
-                                           f"cache.dir={folder / 'cache'}", "device=cpu"])
-    result = run_job(cfg, folder / "job")
+    result = run_job(compose_job(store, *FAST, "device=cpu"), folder / "job")
     return result, store, folder
 
 

@@ -1,14 +1,13 @@
 """Fault tolerance: resume after a kill, interrupts, divergence, untrusted checkpoint
 files, tracking-server and SQLite faults, the determinism switch, and bounded disk use.
 
-Integration tests run real `python train.py` subprocesses from the repository root, each on an
-SQLite MLflow store, job folder and teacher-output cache inside pytest's temporary folder, and
-stop them with real signals. Jobs are tiny (synthetic data, <= 1024 training images, <= 4 epochs)
-and run single-threaded (OMP_NUM_THREADS=1, identical for every job a test compares), so the
-file stays fast on a shared 2-core machine: jobs that need no precise timing start together in
-the background when the module starts (`background`), and stores start from a copy of an empty,
-already-migrated MLflow database (except the test of parallel jobs on a fresh store). Unit tests
-call kdresearch.checkpoint, .resume, .devices, .tracking and .teacher_outputs directly.
+Jobs that are stopped with real signals (or need a process of their own: a file-size limit, a
+store opened by parallel processes) are real `python train.py` subprocesses (conftest.start_train),
+most of them with -m slow; the others run in-process (conftest.train_in_process). Each has an
+SQLite MLflow store (a copy of the session's migrated empty store), job folder and teacher-output
+cache inside pytest's temporary folder. Jobs are tiny (synthetic data, <= 1024 training images,
+<= 4 epochs); those a test compares bit for bit all run single-threaded (OMP_NUM_THREADS=1). Unit
+tests call kdresearch.training.checkpoint, .resume, .devices, .tracking and .teacher directly.
 """
 
 from __future__ import annotations
@@ -20,28 +19,34 @@ import pickle
 import random
 import re
 import resource
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import (
+    EXPERIMENT,
+    FAST,
+    REPO_ROOT,
+    check_ok,
+    describe,
+    mlflow_client,
+    new_store,
+    start_train,
+    tracking_uri,
+    train_in_process,
+)
 from omegaconf import OmegaConf
+from processes import Process, free_port, wait_until
 
 from kdresearch.errors import KDResearchError
 from kdresearch.runtime import devices
 from kdresearch.teacher import outputs as teacher_outputs
 from kdresearch.training import checkpoint as ckpt
 from kdresearch.training import resume
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TRAIN_PY = REPO_ROOT / "train.py"
-EXPERIMENT = "kdresearch"
 
 # A job long enough to be killed between epochs 2 and 4, short enough to run often. The
 # uninterrupted baseline, the killed jobs and their continuations all use exactly these.
@@ -53,121 +58,23 @@ TINY = FAST
 
 # --- helpers --------------------------------------------------------------------------------------
 
-def tracking_uri(store: Path) -> str:
-    return f"sqlite:///{Path(store).resolve() / 'mlflow.db'}"
+def start_job(store: Path, name: str, *overrides: str, preexec_fn=None, fresh: bool = False,
+        outlives_test: bool = False) -> Process:
+    """One `python train.py ...` subprocess on `store` (job folder `store/<name>`, `.checkpoints`
+    its checkpoint folder); `fresh`: on a store that does not exist yet."""
+    job = start_train(store, name, *overrides, fresh_store=fresh, preexec_fn=preexec_fn,
+                      outlives_test=outlives_test)
+    job.checkpoints = job.run_dir / "checkpoints"
+    return job
 
 
-def job_env() -> dict:
-    env = dict(os.environ)
-    env.pop("HYDRA_FULL_ERROR", None)  # users see the short error, so tests do too
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return env
-
-
-class Job:
-    """One `python train.py ...` subprocess; its stdout+stderr go to a log file (no pipe to fill)."""
-
-    def __init__(self, store: Path, name: str, *overrides: str, preexec_fn=None, fresh: bool = False):
-        self.store = Path(store).resolve()
-        self.store.mkdir(parents=True, exist_ok=True)
-        if not fresh and not (self.store / "mlflow.db").exists():
-            shutil.copy(empty_store(), self.store / "mlflow.db")
-        self.run_dir = self.store / name
-        self.log_path = self.store / f"{name}.log"
-        self.args = [
-            sys.executable, str(TRAIN_PY),
-            f"tracking.uri={tracking_uri(self.store)}", f"hydra.run.dir={self.run_dir}",
-            "quiet=true", "data=synthetic", f"cache.dir={self.store / 'cache'}", *overrides,
-        ]
-        self.started = time.monotonic()
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.args, cwd=REPO_ROOT, env=job_env(), stdout=self._log,
-                                     stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
-        _RUNNING.append(self)
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    @property
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def wait(self, timeout: float = 300) -> int:
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"job did not end within {timeout} s:\n{self.describe()}")
-        if not hasattr(self, "seconds"):
-            self.seconds = time.monotonic() - self.started
-        self._log.close()
-        return code
-
-    def describe(self) -> str:
-        return f"{' '.join(self.args)}\nexit {self.proc.returncode}\n{self.output[-5000:]}"
-
-    def check_ok(self, timeout: float = 300) -> "Job":
-        code = self.wait(timeout)
-        assert code == 0, self.describe()
-        return self
-
-    def wait_until(self, done, what: str, timeout: float = 240) -> None:
-        """Poll `done()`; fail (with the job's output) if the job ends first or it takes too long."""
-        deadline = time.monotonic() + timeout
-        while not done():
-            if self.proc.poll() is not None:
-                pytest.fail(f"job ended before {what}:\n{self.describe()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {what} within {timeout} s:\n{self.describe()}")
-            time.sleep(0.005)
-
-    def signal_when(self, done, what: str, signum: int) -> None:
-        """Send `signum` as soon as `done()`, while the job is still training."""
-        self.wait_until(done, what)
-        self.proc.send_signal(signum)
-        assert not (self.checkpoints / "final.pt").exists(), (
-            f"the job finished before it could be interrupted; the test needs slower epochs:\n{self.describe()}"
-        )
-
-
-_RUNNING: list[Job] = []
-_SCHEMA: dict[str, Path] = {}
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _schema_folder(tmp_path_factory):
-    _SCHEMA["folder"] = tmp_path_factory.mktemp("schema")
-
-
-def empty_store() -> Path:
-    """An MLflow SQLite database with its schema migrated and no experiment yet, made once per
-    session: each job's store starts as a copy instead of paying for the migrations again."""
-    path = _SCHEMA["folder"] / "mlflow.db"
-    if not path.exists():
-        mlflow_client(_SCHEMA["folder"]).search_experiments()
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _stop_leftover_jobs():
-    """Kill (by their own pid) any job a failing test left running."""
-    yield
-    while _RUNNING:
-        job = _RUNNING.pop()
-        if job.proc.poll() is None:
-            job.proc.kill()
-            job.proc.wait()
-        job._log.close()
-
-
-def mlflow_client(store: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri(store))
+def signal_when(job: Process, done, what: str, signum: int) -> None:
+    """Send `signum` as soon as `done()`, while the job is still training."""
+    job.wait_until(done, what, timeout=240, poll=0.005)
+    job.send_signal(signum)
+    assert not (job.checkpoints / "final.pt").exists(), (
+        f"the job finished before it could be interrupted; the test needs slower epochs:\n{job.describe()}"
+    )
 
 
 def all_runs(store: Path):
@@ -217,57 +124,33 @@ def temp_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob(".*.tmp")) if folder.is_dir() else []
 
 
-def assert_clean_error(job: Job, *phrases: str) -> str:
-    """Non-zero exit, one `error:` line holding `phrases`, and no Python traceback."""
-    assert job.proc.returncode not in (0, None), job.describe()
+def assert_clean_error(job, *phrases: str) -> str:
+    """Non-zero exit, one `error:` line holding `phrases`, and no Python traceback, for a finished
+    job: a subprocess or an in-process one."""
+    assert job.returncode not in (0, None), describe(job)
     output = job.output
-    assert "Traceback" not in output, job.describe()
+    assert "Traceback" not in output, describe(job)
     lines = [line for line in output.splitlines() if "error:" in line]
-    assert len(lines) == 1, job.describe()
+    assert len(lines) == 1, describe(job)
     for phrase in phrases:
         assert phrase in lines[0], f"{phrase!r} not in the error line:\n{lines[0]}"
     return lines[0]
 
 
 @pytest.fixture(scope="module")
-def background(tmp_path_factory):
-    """Jobs that need no precise timing, all started at once when the first test asks for them
-    (two cores run them side by side); each test waits for its own. Each has a store of its own.
-
-    baseline: the uninterrupted RESUMABLE job; divergence: SGD at lr 1e30; crafted-teacher: a
-    teacher.checkpoint whose unpickling would create the file `marker`; deterministic:
-    device.deterministic=true.
-    """
-    crafted = tmp_path_factory.mktemp("crafted")
-    evil = crafted / "teacher.pt"
-    torch.save({"format": 1, "model_class": "LightNN", "model": Evil(crafted / "pwned")}, evil)
-    jobs = {
-        "baseline": Job(tmp_path_factory.mktemp("baseline"), "job", *RESUMABLE),
-        "divergence": Job(tmp_path_factory.mktemp("divergence"), "job", *TINY, "optimizer=sgd",
-                          "optimizer.lr=1e30"),
-        "crafted-teacher": Job(crafted / "store", "job", *TINY, "loss=kd", "teacher=light",
-                               f"teacher.checkpoint={evil}"),
-        "deterministic": Job(tmp_path_factory.mktemp("deterministic"), "job", *TINY,
-                             "device.deterministic=true"),
-    }
-    jobs["crafted-teacher"].evil, jobs["crafted-teacher"].marker = evil, crafted / "pwned"
-    for job in jobs.values():
-        _RUNNING.remove(job)  # they outlive single tests
-    yield jobs
-    for job in jobs.values():
-        if job.proc.poll() is None:
-            job.proc.kill()
-            job.proc.wait()
-        job._log.close()
+def baseline(tmp_path_factory):
+    """The uninterrupted RESUMABLE job as a subprocess (the interrupted ones it is compared with bit
+    for bit are subprocesses too), started when the first test asks for it and running while that
+    test's own jobs run; each test waits for it when it needs its result."""
+    return start_job(tmp_path_factory.mktemp("baseline"), "job", *RESUMABLE, outlives_test=True)
 
 
-def finished_baseline(background: dict):
+def finished_baseline(baseline: Process):
     """(store, run id, final.pt) of the finished baseline job."""
-    job = background["baseline"]
-    job.check_ok()
-    run = only_run(job.store)
+    baseline.check_ok()
+    run = only_run(baseline.store)
     assert run.info.status == "FINISHED"
-    return job.store, run.info.run_id, job.checkpoints / "final.pt"
+    return baseline.store, run.info.run_id, baseline.checkpoints / "final.pt"
 
 
 def sample_state() -> dict:
@@ -287,18 +170,19 @@ class Evil:
 
 # --- 1. resume --------------------------------------------------------------------------------
 
-def test_sigkill_then_resume_from_job_folder_matches_uninterrupted_run(tmp_path, background):
+@pytest.mark.slow
+def test_sigkill_then_resume_from_job_folder_matches_uninterrupted_run(tmp_path, baseline):
     """SIGKILL right after epoch 2's checkpoint; `resume=<job folder>` continues the same MLflow
     run and ends with the metrics and weights of the uninterrupted baseline, bit for bit."""
     store = tmp_path / "store"
-    killed = Job(store, "job", *RESUMABLE)
+    killed = start_job(store, "job", *RESUMABLE)
     epoch_2 = killed.checkpoints / "epoch_0002.pt"  # then MLflow gets epoch 2's metrics: kill in between or after
-    killed.signal_when(epoch_2.exists, epoch_2.name, signal.SIGKILL)
+    signal_when(killed, epoch_2.exists, epoch_2.name, signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL
     run = only_run(store)
     assert run.info.status == "RUNNING"  # nothing can end it on SIGKILL: the continuation does
 
-    resumed = Job(store, "resumed", *RESUMABLE, f"resume={killed.run_dir}").check_ok()
+    resumed = start_job(store, "resumed", *RESUMABLE, f"resume={killed.run_dir}").check_ok()
     assert "resume: continuing MLflow run" in resumed.output
     run_after = only_run(store)
     assert run_after.info.run_id == run.info.run_id
@@ -310,18 +194,18 @@ def test_sigkill_then_resume_from_job_folder_matches_uninterrupted_run(tmp_path,
     assert artifacts == ["checkpoints/final.pt"]
     assert sorted(p.name for p in killed.checkpoints.glob("epoch_*.pt")) == ["epoch_0003.pt", "epoch_0004.pt"]
 
-    assert_same_training(store, run.info.run_id, final, *finished_baseline(background))
+    assert_same_training(store, run.info.run_id, final, *finished_baseline(baseline))
 
 
-def interrupt(store: Path, signum: int, after_epoch: int = 2) -> tuple[Job, object]:
+def interrupt(store: Path, signum: int, after_epoch: int = 2) -> tuple[Process, object]:
     """Start the RESUMABLE job and send `signum` in the middle of epoch `after_epoch + 1` (once
     epoch `after_epoch` is logged: an interrupt inside an MLflow write is
     test_interrupt_during_mlflow_write_still_ends_run_killed). Checks the Ctrl-C contract: exit
     code 128 + signum (not a death by signal), an 'interrupted' line, MLflow run KILLED, no temp file, the
     newest epoch checkpoint loads. Returns the job and its MLflow run."""
-    job = Job(store, "job", *RESUMABLE)
+    job = start_job(store, "job", *RESUMABLE)
     line = f"epoch {after_epoch}/4"
-    job.signal_when(lambda: line in job.output, f"the line {line!r}", signum)
+    signal_when(job, lambda: line in job.output, f"the line {line!r}", signum)
     code = job.wait()
     assert code == 128 + signum, job.describe()  # the shell's convention: SIGINT 130, SIGTERM 143
     assert "interrupted" in job.output and "Traceback" not in job.output, job.describe()
@@ -335,37 +219,40 @@ def interrupt(store: Path, signum: int, after_epoch: int = 2) -> tuple[Job, obje
     return job, run
 
 
+@pytest.mark.slow
 def test_sigint_ends_run_killed_and_keeps_last_checkpoint(tmp_path):
     """Ctrl-C (SIGINT) mid-training."""
     interrupt(tmp_path / "store", signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_sigterm_ends_run_killed_and_resume_with_other_overrides_is_refused(tmp_path):
     """SIGTERM (a scheduler stopping the job) takes the Ctrl-C path. Continuing the job with other
     settings is refused in one line and leaves the run as it was."""
     store = tmp_path / "store"
     job, _ = interrupt(store, signal.SIGTERM, after_epoch=1)
     other = [o.replace("epochs=4", "epochs=5") for o in RESUMABLE] + ["optimizer.lr=0.01"]
-    refused = Job(store, "refused", *other, f"resume={job.run_dir}")
+    refused = start_job(store, "refused", *other, f"resume={job.run_dir}")
     refused.wait()
     line = assert_clean_error(refused, "resume:", "epochs: 4 -> 5", "optimizer.lr: 0.02 -> 0.01")
     assert "overrides" in line
     assert only_run(store).info.status == "KILLED"  # untouched by the refused attempt
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_training_the_automatic_teacher_then_resume_the_job_folder(tmp_path):
     """A KD job stopped while it trains its own teacher continues with resume=<its job folder>:
     the teacher's run goes on from its checkpoint, then the student trains with it."""
     store = tmp_path / "store"
     overrides = (*TINY, "loss=kd", "teacher=light", "teacher.epochs=3", "data.limit_train=1024")
-    job = Job(store, "job", *overrides)
+    job = start_job(store, "job", *overrides)
     teacher_epoch_1 = job.run_dir / "teacher" / "checkpoints" / "epoch_0001.pt"
-    job.signal_when(teacher_epoch_1.exists, teacher_epoch_1.name, signal.SIGINT)
+    signal_when(job, teacher_epoch_1.exists, teacher_epoch_1.name, signal.SIGINT)
     assert job.wait() == 130, job.describe()
     (teacher,) = all_runs(store)
     assert teacher.info.status == "KILLED" and teacher.data.tags["role"] == "teacher"
 
-    resumed = Job(store, "resumed", *overrides, f"resume={job.run_dir}").check_ok()
+    resumed = start_job(store, "resumed", *overrides, f"resume={job.run_dir}").check_ok()
     assert "stopped while training its teacher" in resumed.output
     runs = {run.data.tags["role"]: run for run in all_runs(store)}
     assert set(runs) == {"teacher", "student"} and len(all_runs(store)) == 2
@@ -377,14 +264,14 @@ def test_ctrl_c_while_training_the_automatic_teacher_then_resume_the_job_folder(
 
 
 @pytest.mark.slow
-def test_ctrl_c_then_resume_by_run_id_matches_uninterrupted_run(tmp_path, background):
+def test_ctrl_c_then_resume_by_run_id_matches_uninterrupted_run(tmp_path, baseline):
     """`resume=<MLflow run id>` after Ctrl-C finishes that same run like the uninterrupted job."""
     store = tmp_path / "store"
     job, run = interrupt(store, signal.SIGINT)
-    Job(store, "resumed", *RESUMABLE, f"resume={run.info.run_id}").check_ok()
+    start_job(store, "resumed", *RESUMABLE, f"resume={run.info.run_id}").check_ok()
     run_after = only_run(store)
     assert run_after.info.run_id == run.info.run_id and run_after.info.status == "FINISHED"
-    assert_same_training(store, run.info.run_id, job.checkpoints / "final.pt", *finished_baseline(background))
+    assert_same_training(store, run.info.run_id, job.checkpoints / "final.pt", *finished_baseline(baseline))
 
 
 @pytest.mark.slow
@@ -394,7 +281,7 @@ def test_interrupt_during_mlflow_write_still_ends_run_killed(tmp_path):
     import sqlite3
 
     store = tmp_path / "store"
-    job = Job(store, "job", *RESUMABLE)
+    job = start_job(store, "job", *RESUMABLE)
     job.wait_until(lambda: "first_layer_norm at init" in job.output, "the job's first MLflow writes")
     other_writer = sqlite3.connect(store / "mlflow.db", timeout=60, isolation_level=None)
     other_writer.execute("BEGIN EXCLUSIVE")
@@ -402,7 +289,7 @@ def test_interrupt_during_mlflow_write_still_ends_run_killed(tmp_path):
         epoch_1 = job.checkpoints / "epoch_0001.pt"
         job.wait_until(epoch_1.exists, epoch_1.name)
         time.sleep(0.5)  # now in log_batch, waiting for the lock
-        job.proc.send_signal(signal.SIGINT)
+        job.send_signal(signal.SIGINT)
         time.sleep(0.5)
     finally:
         other_writer.execute("ROLLBACK")
@@ -418,9 +305,7 @@ def test_resume_locate_by_run_id_and_its_errors(tmp_path):
     folder that is not on this machine is one clear line."""
     from kdresearch.tracking.store import Tracker
 
-    store = tmp_path / "store"
-    store.mkdir()
-    shutil.copy(empty_store(), store / "mlflow.db")
+    store = new_store(tmp_path / "store")
     tracker = Tracker(tracking_uri(store), EXPERIMENT)
     folder = tmp_path / "job"
     here = tracker.start_run("light-ce", {"output_dir": str(folder)}, {})
@@ -570,7 +455,7 @@ def test_train_with_failing_checkpoint_write_reports_it(tmp_path):
     """End to end: the checkpoint (3.2 MB) cannot be written; the job says so in one line, the
     MLflow run ends FAILED and no temp file stays."""
     store = tmp_path / "store"
-    job = Job(store, "job", *TINY, preexec_fn=_file_size_limit)
+    job = start_job(store, "job", *TINY, preexec_fn=_file_size_limit)
     job.wait()
     assert only_run(store).info.status == "FAILED"
     assert temp_files(job.checkpoints) == []
@@ -579,14 +464,14 @@ def test_train_with_failing_checkpoint_write_reports_it(tmp_path):
 
 # --- 2/3. divergence --------------------------------------------------------------------------
 
-def test_divergence_stops_with_epoch_and_step_and_run_failed(background):
+def test_divergence_stops_with_epoch_and_step_and_run_failed(tmp_path):
     """optimizer=sgd optimizer.lr=1e30: the first step is finite, the second one is not."""
-    job = background["divergence"]
-    job.wait()
+    job = train_in_process(tmp_path, *TINY, "optimizer=sgd", "optimizer.lr=1e30")
     line = assert_clean_error(job, "training diverged", "epoch 1, step 2")
     assert "nan" in line or "inf" in line
-    assert only_run(job.store).info.status == "FAILED"
-    assert not job.checkpoints.exists() or not list(job.checkpoints.glob("*.pt"))
+    assert only_run(tmp_path).info.status == "FAILED"
+    checkpoints = job.run_dir / "checkpoints"
+    assert not checkpoints.exists() or not list(checkpoints.glob("*.pt"))
 
 
 # --- 4. untrusted files -----------------------------------------------------------------------
@@ -670,13 +555,15 @@ def test_load_checkpoint_detects_damaged_tensor_bytes(tmp_path):
         ckpt.load_checkpoint(path)
 
 
-def test_train_refuses_crafted_teacher_checkpoint(background):
+def test_train_refuses_crafted_teacher_checkpoint(tmp_path):
     """teacher.checkpoint= a pickle whose loading would run `touch <marker>`."""
-    job = background["crafted-teacher"]
-    job.wait()
-    assert_clean_error(job, "refusing to load", str(job.evil), "could run code")
-    assert not job.marker.exists()
-    assert all_runs(job.store) == []  # refused before any run was started
+    evil, marker = tmp_path / "teacher.pt", tmp_path / "pwned"
+    torch.save({"format": 1, "model_class": "LightNN", "model": Evil(marker)}, evil)
+    store = tmp_path / "store"
+    job = train_in_process(store, *TINY, "loss=kd", "teacher=light", f"teacher.checkpoint={evil}")
+    assert_clean_error(job, "refusing to load", str(evil), "could run code")
+    assert not marker.exists()
+    assert all_runs(store) == []  # refused before any run was started
 
 
 def test_cifar10_files_cannot_run_code(tmp_path):
@@ -697,28 +584,19 @@ def test_cifar10_files_cannot_run_code(tmp_path):
     assert isinstance(refused.value, KDResearchError)
 
 
-@pytest.mark.slow
 def test_train_reports_truncated_teacher_checkpoint(tmp_path):
     data = real_checkpoint(tmp_path).read_bytes()
     half = tmp_path / "half.pt"
     half.write_bytes(data[: len(data) // 2])
-    job = Job(tmp_path / "store", "job", *TINY, "loss=kd", "teacher=light", f"teacher.checkpoint={half}")
-    job.wait()
+    job = train_in_process(tmp_path / "store", *TINY, "loss=kd", "teacher=light", f"teacher.checkpoint={half}")
     assert_clean_error(job, str(half), "truncated or corrupt")
 
 
 # --- 5. tracking faults -----------------------------------------------------------------------
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_unreachable_tracking_server_fails_fast(tmp_path):
-    uri = f"http://127.0.0.1:{_closed_port()}"
-    job = Job(tmp_path / "store", "job", *TINY, f"tracking.uri={uri}")
-    job.wait(timeout=120)
+    uri = f"http://127.0.0.1:{free_port()}"
+    job = train_in_process(tmp_path / "store", *TINY, f"tracking.uri={uri}")
     assert_clean_error(job, f"MLflow tracking server {uri} is unreachable")
     assert job.seconds < 30, f"took {job.seconds:.1f} s"
 
@@ -731,7 +609,7 @@ def test_silent_tracking_server_times_out(tmp_path):
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        job = Job(tmp_path / "store", "job", *TINY, f"tracking.uri={uri}")
+        job = start_job(tmp_path / "store", "job", *TINY, f"tracking.uri={uri}")
         job.wait(timeout=120)
     assert_clean_error(job, f"MLflow tracking server {uri} is unreachable", "timed out")
     assert job.seconds < 60, f"took {job.seconds:.1f} s"
@@ -743,10 +621,10 @@ def test_parallel_jobs_on_fresh_sqlite_store_all_land(tmp_path):
     they collide depends on timing; test_tracker_opens_fresh_store_from_parallel_processes lines
     them up on purpose.)"""
     store = tmp_path / "store"
-    jobs = [Job(store, f"job{i}", *TINY, f"seed={i}", fresh=True) for i in range(3)]
+    jobs = [start_job(store, f"job{i}", *TINY, f"seed={i}", fresh=True) for i in range(3)]
     for job in jobs:
         job.wait()
-    failed = [job.describe() for job in jobs if job.proc.returncode != 0]
+    failed = [job.describe() for job in jobs if job.returncode != 0]
     assert not failed, "\n\n".join(failed)
     runs = all_runs(store)
     assert sorted(run.data.params["seed"] for run in runs) == ["0", "1", "2"]
@@ -765,34 +643,25 @@ Tracker(sys.argv[1], "kdresearch")
 """
 
 
+@pytest.mark.slow  # three processes, each importing MLflow
 def test_tracker_opens_fresh_store_from_parallel_processes(tmp_path):
     """Three processes open one fresh store at the same instant (before the store lock covered
     MlflowClient(), which migrates a new schema, 2-3 of 3 failed here: 'table _alembic_tmp_tags
     already exists', 'Online migration expected to match one row')."""
     uri = tracking_uri(tmp_path)
-    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_STORE, uri, str(tmp_path), str(i)], cwd=REPO_ROOT,
-                              env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(3)]
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(tmp_path.glob("ready-*"))) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        (tmp_path / "go").touch()
-        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    failed = [out[-1500:] for proc, out in zip(procs, outputs) if proc.returncode != 0]
+    procs = [Process([sys.executable, "-c", _OPEN_STORE, uri, str(tmp_path), str(i)], tmp_path / f"open-{i}.log",
+                     one_thread=True) for i in range(3)]
+    wait_until(lambda: len(list(tmp_path.glob("ready-*"))) == 3, "three processes ready", timeout=120, poll=0.01)
+    (tmp_path / "go").touch()
+    failed = [proc.describe() for proc in procs if proc.wait(timeout=120) != 0]
     assert not failed, "\n\n".join(failed)
 
 
 # --- 6. determinism switch --------------------------------------------------------------------
 
-def test_deterministic_run_is_recorded(background):
-    job = background["deterministic"].check_ok()
-    run = only_run(job.store)
+def test_deterministic_run_is_recorded(tmp_path):
+    check_ok(train_in_process(tmp_path, *TINY, "device.deterministic=true"))
+    run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     assert run.data.params["device.deterministic"] == "True"
 
@@ -802,7 +671,7 @@ def test_deterministic_cuda_runs_repeat_bit_identically(tmp_path):
     """On CUDA, device.deterministic=true makes two runs of one job equal, bit for bit."""
     overrides = ("device=cuda", "device.deterministic=true", "epochs=2", "data.limit_train=1024",
                  "data.limit_test=128")
-    jobs = [Job(tmp_path / f"store{i}", "job", *overrides) for i in range(2)]
+    jobs = [start_job(tmp_path / f"store{i}", "job", *overrides) for i in range(2)]
     for job in jobs:
         job.check_ok()
     (a, b) = [(job.store, only_run(job.store).info.run_id, job.checkpoints / "final.pt") for job in jobs]
@@ -833,11 +702,12 @@ def test_set_deterministic_switches_torch_and_cuda_settings(restore_determinism)
 
 # --- 7. disk: bounded checkpoints and caches --------------------------------------------------
 
-def test_keep_last_default_is_documented_and_applied(tmp_path, background):
-    """The 4-epoch baseline with checkpoint.keep_last=2 keeps epochs 3 and 4 plus final.pt."""
+def test_keep_last_default_is_documented_and_applied(tmp_path):
+    """The 4-epoch job with checkpoint.keep_last=2 keeps epochs 3 and 4 plus final.pt."""
     assert OmegaConf.load(REPO_ROOT / "conf" / "config.yaml").checkpoint.keep_last == 2
-    store, _, final = finished_baseline(background)
-    assert sorted(p.name for p in final.parent.iterdir()) == ["epoch_0003.pt", "epoch_0004.pt", "final.pt"]
+    job = check_ok(train_in_process(tmp_path / "store", *RESUMABLE))
+    assert sorted(p.name for p in (job.run_dir / "checkpoints").iterdir()) == [
+        "epoch_0003.pt", "epoch_0004.pt", "final.pt"]
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -883,11 +753,10 @@ def test_readme_documents_resume_and_keep_last():
     assert re.search(r"checkpoint\.keep_last`?\s*[(=]\s*2", readme), "keep_last and its default 2"
 
 
-@pytest.mark.slow
 def test_teacher_cache_goes_to_cache_dir(tmp_path):
     """loss=kd with teacher=light: the teacher is trained first, its outputs cached in cache.dir."""
     store = tmp_path / "store"
-    Job(store, "job", *TINY, "loss=kd", "teacher=light").check_ok()
+    check_ok(train_in_process(store, *TINY, "loss=kd", "teacher=light"))
     cached = list((store / "cache").glob("*.pt"))
     assert len(cached) == 1, list((store / "cache").iterdir())
     student = [run for run in all_runs(store) if run.data.tags.get("role") == "student"]

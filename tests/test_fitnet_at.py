@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, check_ok, experiment_runs, mlflow_client, run_train
+from conftest import FAST, check_ok, experiment_runs, mlflow_client, train_in_process
 from torch import nn
 from torch.nn import functional as F
 
@@ -380,11 +380,10 @@ def test_at_rejects_a_bad_p(p, message):
 # --- end to end ---------------------------------------------------------------------------------
 
 def test_fitnet_and_at_train_end_to_end(tmp_path):
-    """One short job each through train.py: the first trains the (1-epoch) teacher, the second
-    finds and reuses it."""
+    """One short job each: the first trains the (1-epoch) teacher, the second finds and reuses it."""
     store = tmp_path / "store"
     for loss in ("fitnet", "at"):
-        check_ok(run_train(store, *FAST, "teacher.epochs=1", f"loss={loss}"))
+        check_ok(train_in_process(store, *FAST, "teacher.epochs=1", f"loss={loss}"))
     runs = {run.data.tags.get("loss"): run for run in experiment_runs(mlflow_client(store))}
     assert set(runs) == {"ce", "fitnet", "at"}  # the teacher ran once
     for loss in ("fitnet", "at"):

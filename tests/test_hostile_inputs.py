@@ -1,10 +1,11 @@
 """Inputs a job must refuse cleanly: config keys MLflow cannot record, tracking stores that cannot
 be opened, an image folder holding a decompression bomb, and `resume=` of a deleted or unknown run.
 
-Each integration test runs `python train.py` as a subprocess (conftest.run_train: synthetic data
-unless the test says otherwise, an SQLite store in the test's temporary folder) and checks what a
-user sees: exit status 1, one `error:` line naming what to fix, no Python traceback, and in MLflow
-no run created when the error comes before the start, and none left RUNNING.
+Each integration test runs the job in-process (conftest.train_in_process: synthetic data unless
+the test says otherwise, an SQLite store in the test's temporary folder, reported as `train.py`
+reports it) and checks what a user sees: exit status 1, one `error:` line naming what to fix, no
+Python traceback, and in MLflow no run created when the error comes before the start, and none
+left RUNNING.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,9 +21,10 @@ from conftest import (
     EXPERIMENT,
     FAST,
     check_ok,
+    describe,
     experiment_runs,
     mlflow_client,
-    run_train,
+    train_in_process,
 )
 from mlflow.entities import ViewType
 from PIL import Image
@@ -37,10 +38,9 @@ CPU = torch.device("cpu")
 
 def assert_one_line_error(done, *phrases: str) -> str:
     """Exit status 1 and test_faults.assert_clean_error's checks (one `error:` line holding
-    `phrases`, no traceback) on a finished `run_train` process; returns the line."""
-    described = f"{' '.join(done.args)}\nexit {done.returncode}\n{done.output[-5000:]}"
-    assert done.returncode == 1, described
-    return assert_clean_error(SimpleNamespace(proc=done, output=done.output, describe=lambda: described), *phrases)
+    `phrases`, no traceback) on a finished job; returns the line."""
+    assert done.returncode == 1, describe(done)
+    return assert_clean_error(done, *phrases)
 
 
 def every_run(client):
@@ -58,13 +58,13 @@ def every_run(client):
     ("x" * 251, ("is 251 characters", "at most 250", "shorten it")),
 ], ids=["forbidden-character", "251-characters"])
 def test_config_key_mlflow_refuses_stops_before_any_run(store, key, phrases):
-    done = run_train(store, *FAST, f"+{key}=1")
+    done = train_in_process(store, *FAST, f"+{key}=1", fresh_store=True)
     assert_one_line_error(done, *phrases)
     assert not (store / "mlflow.db").exists()  # refused before the store was even opened
 
 
 def test_unknown_tracking_scheme_is_one_line(store):
-    done = run_train(store, *FAST, "tracking.uri=garbage://x")
+    done = train_in_process(store, *FAST, "tracking.uri=garbage://x")
     assert_one_line_error(done, "tracking.uri='garbage://x' is not a tracking store MLflow opens",
                           "sqlite:////abs/path/mlflow.db")
     assert not (store / "mlflow.db").exists()
@@ -73,7 +73,7 @@ def test_unknown_tracking_scheme_is_one_line(store):
 def test_sqlite_store_under_a_regular_file_is_one_line(store, tmp_path):
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")
-    done = run_train(store, *FAST, f"tracking.uri=sqlite:///{blocker}/mlflow.db")
+    done = train_in_process(store, *FAST, f"tracking.uri=sqlite:///{blocker}/mlflow.db")
     assert_one_line_error(done, f"tracking.uri=sqlite:///{blocker}/mlflow.db", f"{blocker} is a file")
     assert blocker.read_text() == "not a folder"
     assert not (store / "mlflow.db").exists()
@@ -85,7 +85,7 @@ def test_sqlite_store_in_an_unwritable_folder_is_one_line(store, tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        done = run_train(store, *FAST, f"tracking.uri=sqlite:///{locked}/stores/mlflow.db")
+        done = train_in_process(store, *FAST, f"tracking.uri=sqlite:///{locked}/stores/mlflow.db")
         assert_one_line_error(done, f"{locked} is not writable", "choose another store path")
         assert not (locked / "stores").exists()
     finally:
@@ -122,21 +122,23 @@ def test_decompression_bomb_in_image_folder_stops_before_the_run(store, tmp_path
     run starts and before anything is decoded."""
     root = small_image_folder(tmp_path / "images")
     bomb = png_declaring(root / "train" / "cat" / "9.png", 40000, 40000)
-    done = run_train(store, *FAST, "data=image_folder", f"data.root={root}", "data.num_classes=2")
+    done = train_in_process(store, *FAST, "data=image_folder", f"data.root={root}", "data.num_classes=2")
     assert_one_line_error(done, f"cannot read image {bomb}", "1600000000 pixels", "remove or shrink the file")
     assert every_run(mlflow_client(store)) == []
 
 
-def test_image_failing_only_when_decoded_ends_the_run_failed_in_one_line(store, tmp_path):
+def test_image_failing_only_when_decoded_ends_the_run_failed_in_one_line(store, tmp_path, capfd):
     """A PNG cut short passes the header check while the data is hashed, then fails in a
-    DataLoader worker during the first epoch: one line naming it, and the run ends FAILED."""
+    DataLoader worker during the first epoch: one line naming it (and no traceback from the
+    worker process either), and the run ends FAILED."""
     root = small_image_folder(tmp_path / "images")
     cut = root / "train" / "dog" / "3.png"
     noise = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     Image.fromarray(noise.numpy()).save(cut)
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
-    done = run_train(store, *FAST, "data=image_folder", f"data.root={root}", "data.num_classes=2")
+    done = train_in_process(store, *FAST, "data=image_folder", f"data.root={root}", "data.num_classes=2")
     assert_one_line_error(done, f"cannot read image {cut} (image file is truncated")
+    assert "Traceback" not in capfd.readouterr().err
     assert [run.info.status for run in every_run(mlflow_client(store))] == ["FAILED"]
 
 
@@ -180,7 +182,7 @@ RESUMED = (*FAST, "epochs=2")
 def deleted_job(tmp_path_factory):
     """(store, job folder, run id) of a finished 2-epoch job whose MLflow run was then deleted."""
     store = tmp_path_factory.mktemp("deleted") / "store"
-    done = check_ok(run_train(store, *RESUMED))
+    done = check_ok(train_in_process(store, *RESUMED))
     client = mlflow_client(store)
     (run,) = experiment_runs(client)
     client.delete_run(run.info.run_id)
@@ -199,7 +201,7 @@ def assert_run_untouched(store: Path, run_id: str) -> None:
 def test_resume_of_a_deleted_run_says_how_to_restore_it(deleted_job, form):
     store, folder, run_id = deleted_job
     spec = str(folder) if form == "job folder" else run_id
-    done = run_train(store, *RESUMED, f"resume={spec}")
+    done = train_in_process(store, *RESUMED, f"resume={spec}")
     assert_one_line_error(done, f"resume={spec}: MLflow run {run_id} was deleted",
                           f"mlflow runs restore --run-id {run_id}", "without resume")
     assert_run_untouched(store, run_id)
@@ -210,7 +212,7 @@ def test_resume_of_a_deleted_run_says_how_to_restore_it(deleted_job, form):
 def test_resume_of_an_unknown_run_id_is_one_line(deleted_job):
     store, _, run_id = deleted_job
     unknown = "0123456789abcdef0123456789abcdef"
-    done = run_train(store, *RESUMED, f"resume={unknown}")
+    done = train_in_process(store, *RESUMED, f"resume={unknown}")
     assert_one_line_error(done, f"resume={unknown} is neither a job folder nor an MLflow run id")
     assert_run_untouched(store, run_id)
 
@@ -220,7 +222,7 @@ def test_resume_of_a_job_folder_on_another_store_is_one_line(deleted_job, tmp_pa
     failing when the run is reopened."""
     _, folder, run_id = deleted_job
     other = tmp_path / "other"
-    done = run_train(other, *RESUMED, f"resume={folder}")
+    done = train_in_process(other, *RESUMED, f"resume={folder}")
     assert_one_line_error(done, f"resume={folder}: the job's MLflow run {run_id} is not in", str(other),
                           "give the tracking.uri the job was tracked in")
     assert every_run(mlflow_client(other)) == []

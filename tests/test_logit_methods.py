@@ -13,8 +13,7 @@ from conftest import (
     check_ok,
     experiment_runs,
     mlflow_client,
-    run_parallel,
-    run_train,
+    train_in_process,
 )
 from omegaconf import OmegaConf
 from torch import nn
@@ -367,27 +366,26 @@ def test_bad_hyperparameters_give_one_line_errors(make, key, value, message):
 
 def test_short_jobs_log_each_loss(tmp_path):
     """`debug=tiny` jobs (1 student epoch, 1 teacher epoch, 256 images, synthetic data) for kd with
-    standardisation, dkd and dist, each on its own MLflow store; every one exits 0 and logs its
-    loss parts."""
+    standardisation, dkd and dist, on one MLflow store (the first trains the teacher the others
+    reuse); every one exits 0 and logs its loss parts."""
     jobs = {
         "kd": ("loss=kd", "loss.standardize=true"),
         "dkd": ("loss=dkd",),
         "dist": ("loss=dist",),
     }
-    stores = {name: tmp_path / name for name in jobs}
-    done = run_parallel({name: (lambda name=name: run_train(stores[name], "debug=tiny", *jobs[name]))
-                         for name in jobs})
+    store = tmp_path / "store"
+    done = {name: train_in_process(store, "debug=tiny", *jobs[name]) for name in jobs}
     expected = {"kd": ("train/kd", "train/ce"), "dkd": ("train/dkd", "train/tckd", "train/nckd", "train/ce"),
                 "dist": ("train/dist", "train/dist_inter", "train/dist_intra", "train/ce")}
     for name in jobs:
         check_ok(done[name])
-        runs = experiment_runs(mlflow_client(stores[name]))
+        runs = experiment_runs(mlflow_client(store))
         students = [run for run in runs if run.data.tags.get("loss") == name]
         assert students, f"no {name} run among {[run.info.run_name for run in runs]}"
         metrics = students[-1].data.metrics
         for key in expected[name]:
             assert key in metrics and math.isfinite(metrics[key]), f"{name}: {key} missing or not finite in {metrics}"
     # DKD's single epoch is epoch 1 of a 20-epoch warm-up: its logged term is 1/20 of alpha*TCKD + beta*NCKD.
-    dkd = [run for run in experiment_runs(mlflow_client(stores["dkd"])) if run.data.tags.get("loss") == "dkd"][-1]
+    dkd = [run for run in experiment_runs(mlflow_client(store)) if run.data.tags.get("loss") == "dkd"][-1]
     m = dkd.data.metrics
     assert m["train/dkd"] == pytest.approx((m["train/tckd"] + 8 * m["train/nckd"]) / 20, rel=1e-4)

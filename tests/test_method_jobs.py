@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_job
 from mlflow.tracking import MlflowClient
 
 from kdresearch.training.checkpoint import load_checkpoint
 from kdresearch.training.job import run_job
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-PAIR = ["model=resnet8", "teacher=resnet14", "data=synthetic", "data.num_train=256", "data.num_test=64",
-        "quiet=true", "device=cpu", "epochs=2", "batch_size=64", "teacher.epochs=1", "teacher.batch_size=64",
-        "optimizer=sgd", "optimizer.lr=0.05", "scheduler=multistep", "scheduler.milestones=[1]"]
+PAIR = ["model=resnet8", "teacher=resnet14", "data.num_train=256", "data.num_test=64", "device=cpu", "epochs=2",
+        "batch_size=64", "teacher.epochs=1", "teacher.batch_size=64", "optimizer=sgd", "optimizer.lr=0.05",
+        "scheduler=multistep", "scheduler.milestones=[1]", "tracking.log_model=false"]
 METHODS = {  # loss overrides -> the loss part it must log
     "fitnet": (["loss=fitnet"], "fitnet"),
     "at": (["loss=at"], "at"),
@@ -37,16 +36,14 @@ def store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("methods")  # one store: the teacher is trained once, then reused
 
 
-def compose_job(store: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=[*PAIR, f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
-                                            f"cache.dir={store / 'cache'}", *overrides])
+def pair_job(store: Path, *overrides: str):
+    return compose_job(store, *PAIR, *overrides)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_trains_and_resumes_exactly(store, method):
     overrides, part = METHODS[method]
-    job = run_job(compose_job(store, *overrides), store / method)
+    job = run_job(pair_job(store, *overrides), store / method)
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     run = client.get_run(job.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["teacher_cache"] == "used"
@@ -56,7 +53,7 @@ def test_method_trains_and_resumes_exactly(store, method):
     (interrupted / "checkpoints").mkdir(parents=True)
     shutil.copy(store / method / "checkpoints" / "epoch_0001.pt", interrupted / "checkpoints")
     client.set_terminated(job.run_id, "KILLED")  # as a stopped job leaves it (a FINISHED run is never reopened)
-    resumed = run_job(compose_job(store, *overrides, f"resume={interrupted}"), store / "unused")
+    resumed = run_job(pair_job(store, *overrides, f"resume={interrupted}"), store / "unused")
     done, again = load_checkpoint(job.checkpoint), load_checkpoint(resumed.checkpoint)
     for section in ("model", "loss"):
         assert done[section].keys() == again[section].keys()

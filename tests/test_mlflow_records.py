@@ -6,7 +6,6 @@ system metrics. A store outside a git checkout or an unreachable registry costs 
 
 from __future__ import annotations
 
-import socket
 import subprocess
 
 import pytest
@@ -17,9 +16,12 @@ from conftest import (
     check_ok,
     experiment_runs,
     mlflow_client,
+    new_store,
     run_train,
     tracking_uri,
+    train_in_process,
 )
+from processes import free_port
 
 from kdresearch.tracking import lineage
 from kdresearch.tracking.store import Tracker
@@ -41,7 +43,8 @@ def is_checkout() -> bool:
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    """One job with validation split, model logging, registration and system metrics."""
+    """One job with validation split, model logging, registration and system metrics, as a real
+    `python train.py` process (what it records about its source is the point)."""
     store = tmp_path_factory.mktemp("records")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
@@ -61,8 +64,8 @@ def test_new_experiment_opens_on_the_runs_table(recorded):
 def test_existing_experiment_without_the_kind_gets_it(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(tmp_path)
-    Tracker(uri, "older")  # creates the store
+    uri = tracking_uri(new_store(tmp_path))
+    Tracker(uri, "older")  # opens the store
     client = MlflowClient(uri)
     legacy = client.create_experiment("legacy")  # made by hand: no kind
     assert "mlflow.experimentKind" not in client.get_experiment(legacy).tags
@@ -181,13 +184,10 @@ def test_system_metrics_are_sampled(recorded):
 
 
 def test_unreachable_registry_costs_a_warning_not_the_run(tmp_path, monkeypatch):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"http://127.0.0.1:{port}")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    done = check_ok(run_train(tmp_path, *FAST, "tracking.log_model=true", "tracking.register_model=nowhere"))
+    done = check_ok(train_in_process(tmp_path, *FAST, "tracking.log_model=true", "tracking.register_model=nowhere"))
     (run,) = experiment_runs(mlflow_client(tmp_path))
     assert run.info.status == "FINISHED"
     assert "model not registered as nowhere" in done.output and "Traceback" not in done.output

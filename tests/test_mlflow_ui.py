@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 from browser import UI_TIMEOUT_MS, browser_page, mlflow_ui, require_browser
-from conftest import check_ok, experiment_runs, run_train, tracking_uri
+from conftest import check_ok, experiment_runs, tracking_uri, train_in_process
 
 JOBS = {"light-ce": ("loss=ce",), "deep-ce": ("model=deep", "loss=ce")}
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -24,12 +24,13 @@ def trained(store, client):
     """The store after two 2-epoch tiny jobs: {run name: run}."""
     require_browser()  # skip before the training when there is nothing to look with
     for overrides in JOBS.values():
-        check_ok(run_train(store, "debug=tiny", "epochs=2", *overrides))
+        check_ok(train_in_process(store, "debug=tiny", "epochs=2", *overrides))
     runs = {run.info.run_name: run for run in experiment_runs(client)}
     assert set(runs) == set(JOBS)
     return runs
 
 
+@pytest.mark.slow  # a server and a browser
 def test_mlflow_ui_shows_runs_metric_chart_and_artifacts(store, client, trained, tmp_path):
     expect = require_browser().expect
     experiment_id = trained["light-ce"].info.experiment_id

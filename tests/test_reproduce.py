@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import train_command_in_process
+from conftest import new_store, tracking_uri, train_command_in_process
 from mlflow.tracking import MlflowClient
 
 from kdresearch.errors import KDResearchError
@@ -70,7 +70,7 @@ def test_dry_run_prints_the_commands(capsys):
 
 def test_reproduce_tags_and_compares_its_runs(tmp_path, monkeypatch):
     """The orchestration with the jobs trained in-process instead of as subprocesses."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri(new_store(tmp_path))
     overrides = SMALL + [f"tracking.uri={uri}", f"cache.dir={tmp_path / 'cache'}"]
 
     monkeypatch.setattr(jobs_module, "run_to_end", train_command_in_process)

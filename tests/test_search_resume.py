@@ -11,20 +11,27 @@ with optuna alone.
 from __future__ import annotations
 
 import math
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
 import pytest
 import yaml
-from conftest import FAST, REPO_ROOT, mlflow_client, run_command, tracking_uri
+from conftest import (
+    EXPERIMENT,
+    FAST,
+    TRAIN_PY,
+    mlflow_client,
+    new_store,
+    run_command,
+    tracking_uri,
+)
 from hydra.utils import instantiate
+from processes import Process
 from test_sweeps import check_parent, check_sweep_ok, hydra_node
 
 from kdresearch.sweeps.search import (
@@ -33,16 +40,17 @@ from kdresearch.sweeps.search import (
     search_values,
 )
 
-EXPERIMENT = "kdresearch"
 SEARCH_KEYS = ("T", "loss.ce_weight", "loss.distill_weight")
 
 
 # --- helpers ------------------------------------------------------------------------------------
 
 def search_command(folder: Path, n_trials: int, *extra: str) -> list[str]:
-    """The search, one trial at a time, in the fixed sweep folder `folder/search`."""
+    """The search, one trial at a time, in the fixed sweep folder `folder/search`, on the MLflow
+    store in `folder` (a copy of the migrated empty store when there is none yet)."""
+    new_store(folder)
     return [
-        sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/sweeper=kd_search",
+        sys.executable, str(TRAIN_PY), "-m", "hydra/sweeper=kd_search",
         f"hydra.sweeper.n_trials={n_trials}", "hydra.sweeper.n_jobs=1", "loss=kd", "data=synthetic", *FAST,
         f"tracking.uri={tracking_uri(folder)}", f"cache.dir={folder / 'cache'}",
         f"hydra.sweep.dir={folder / 'search'}", *extra,
@@ -118,6 +126,7 @@ def job_folders(runs) -> list[str]:
 
 # --- searches continued in their folder -----------------------------------------------------------
 
+@pytest.mark.slow  # three searches, each a `python train.py -m` process
 def test_search_started_again_runs_only_the_missing_trials(tmp_path):
     """2 trials, then the same search with n_trials=4 in the same folder: 2 more, numbered 2 and 3,
     proposing what an uninterrupted 4-trial search proposes (not the first two again)."""
@@ -155,41 +164,21 @@ def mid_training(folder: Path) -> bool:
     return len(running) == 1 and "test/acc" in running[0].data.metrics
 
 
+@pytest.mark.slow  # a search stopped by a signal while it trains
 @pytest.mark.parametrize("stop", [
     signal.SIGINT,  # Ctrl-C: the third trial's run ends KILLED
-    pytest.param(signal.SIGKILL, marks=pytest.mark.slow),  # no clean-up: its run stays RUNNING
+    signal.SIGKILL,  # no clean-up: its run stays RUNNING
 ], ids=["sigint", "sigkill"])
 def test_search_stopped_during_a_trial_continues(tmp_path, stop):
     """A 3-trial search stopped while its third trial trains (the first two FINISHED in MLflow),
     started again: one trial runs, the stopped one (its job continues its own MLflow run from its
     last checkpoint), and the first two stay as they were."""
     # 20 epochs: a trial lasts seconds, so the signal lands while the third one trains.
-    command = search_command(tmp_path, 3, "epochs=20")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    log_path = tmp_path / "stopped.log"
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-
-            def wait_for(condition, what: str) -> None:
-                while not condition():
-                    assert process.poll() is None, log_path.read_text()[-3000:]
-                    assert time.monotonic() < deadline, f"{what} did not happen in 300 s"
-                    time.sleep(0.2)
-
-            # MLflow is read only once the search has made the store (no race on its schema).
-            wait_for(lambda: "MLflow run" in log_path.read_text(), "the store's creation")
-            wait_for(lambda: len(trial_runs(tmp_path, "FINISHED")) >= 2, "the second trial's end")
-            wait_for(lambda: mid_training(tmp_path), "the third trial's first epoch")
-            process.send_signal(stop)
-            process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    assert process.returncode != 0, "the search ended before the signal reached it"
+    process = Process(search_command(tmp_path, 3, "epochs=20"), tmp_path / "stopped.log", one_thread=True)
+    process.wait_until(lambda: len(trial_runs(tmp_path, "FINISHED")) >= 2, "the second trial's end", poll=0.2)
+    process.wait_until(lambda: mid_training(tmp_path), "the third trial's first epoch", poll=0.2)
+    process.send_signal(stop)
+    assert process.wait(timeout=60) != 0, "the search ended before the signal reached it"
     old = trial_runs(tmp_path, "FINISHED")
     assert len(old) == 2
     (stopped,) = [run for run in trial_runs(tmp_path) if run.info.status != "FINISHED"]

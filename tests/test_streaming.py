@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
-from conftest import (
-    REPO_ROOT,
-    check_ok,
-    experiment_runs,
-    mlflow_client,
-    run_command,
-    tracking_uri,
-)
+from conftest import FAST, check_ok, experiment_runs, mlflow_client, train_in_process
 from PIL import Image
 
 from kdresearch.data.batches import BatchIterator
@@ -118,19 +109,14 @@ def test_bad_folders_fail_with_one_line(tmp_path, folder):
 def test_kd_job_on_an_image_folder_uses_the_teacher_cache(folder, tmp_path):
     root, _ = folder
     store = tmp_path / "store"
-    store.mkdir()
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "data=image_folder", f"data.root={root}",
-               "loss=kd", "epochs=1", "quiet=true", f"tracking.uri={tracking_uri(store)}",
-               f"hydra.run.dir={tmp_path / 'job'}", f"cache.dir={tmp_path / 'cache'}"]
-    check_ok(run_command(command, one_thread=True))
+    check_ok(train_in_process(store, *FAST, "data=image_folder", f"data.root={root}", "loss=kd"))
     runs = experiment_runs(mlflow_client(store))
     assert [run.data.tags["loss"] for run in runs] == ["ce", "kd"]  # teacher trained automatically
     kd = runs[1]
     assert kd.data.tags["teacher_cache"] == "used"
     assert kd.data.params["data.name"] == "image_folder"
     assert 0 <= kd.data.metrics["test/acc"] <= 100
-    missing = run_command([sys.executable, str(REPO_ROOT / "train.py"), "data=image_folder",
-                           f"tracking.uri={tracking_uri(store)}", f"hydra.run.dir={tmp_path / 'job2'}"])
+    missing = train_in_process(store, "data=image_folder")
     assert missing.returncode == 1
     assert "error: data=image_folder needs data.root=PATH" in missing.output
     assert "Traceback" not in missing.output

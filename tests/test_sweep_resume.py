@@ -6,22 +6,20 @@ Real processes: the whole sweep (launcher and its workers) is SIGKILLed.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import (
     FAST,
-    REPO_ROOT,
+    TRAIN_PY,
     experiment_runs,
     mlflow_client,
+    new_store,
     run_command,
     tracking_uri,
 )
+from processes import Process
 
 from kdresearch.reports.compare import select_runs
 from kdresearch.tracking.store import Tracker
@@ -32,7 +30,7 @@ SLOW_JOB = (*FAST, "data=synthetic", "epochs=3", "data.limit_train=1500", "check
 
 
 def sweep_command(folder: Path, *launcher: str) -> list[str]:
-    return [sys.executable, str(REPO_ROOT / "train.py"), "-m", *SLOW_JOB, *launcher,
+    return [sys.executable, str(TRAIN_PY), "-m", *SLOW_JOB, *launcher,
             f"seed={','.join(map(str, SEEDS))}", f"tracking.uri={tracking_uri(folder)}",
             f"cache.dir={folder / 'cache'}", f"hydra.sweep.dir={folder / 'sweep'}"]
 
@@ -42,36 +40,28 @@ def finished_students(client):
             and run.info.status == "FINISHED"]
 
 
-def kill_when(command: list[str], done, timeout: float = 300) -> None:
+def kill_when(command: list[str], done, log_path: Path, timeout: float = 300) -> None:
     """Start the sweep in its own process group and SIGKILL the whole group once `done()`."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop("HYDRA_FULL_ERROR", None)
-    with open(Path(command[-1].split("=", 1)[1]).parent / "killed.log", "w") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        deadline = time.monotonic() + timeout
-        try:
-            while not done():
-                assert process.poll() is None, "the sweep ended before it could be killed"
-                assert time.monotonic() < deadline, "the sweep never reached the kill point"
-                time.sleep(0.05)
-        finally:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    process = Process(command, log_path, one_thread=True, new_session=True)
+    try:
+        process.wait_until(done, "the kill point", timeout, poll=0.05)
+    finally:
+        process.kill()
 
 
+@pytest.mark.slow  # SIGKILLs a sweep
 @pytest.mark.parametrize("launcher", [(), ("hydra/launcher=parallel",)], ids=["basic", "parallel"])
 def test_killed_sweep_run_again_does_each_configuration_once(tmp_path, launcher):
-    client = mlflow_client(tmp_path)
+    client = mlflow_client(new_store(tmp_path))
     sweep = tmp_path / "sweep"
 
     def one_finished_and_one_checkpointed() -> bool:
-        done = finished_students(client) if (tmp_path / "mlflow.db").exists() else []
+        done = finished_students(client)
         folders = [path.parent.parent for path in sweep.glob("*/checkpoints/epoch_0001.pt")]
         finished = {run.data.tags["output_dir"] for run in done}
         return bool(done) and any(str(folder.resolve()) not in finished for folder in folders)
 
-    kill_when(sweep_command(tmp_path, *launcher), one_finished_and_one_checkpointed)
+    kill_when(sweep_command(tmp_path, *launcher), one_finished_and_one_checkpointed, tmp_path / "killed.log")
     before = {run.info.run_id: run for run in experiment_runs(client)}
     finished_before = {run.info.run_id for run in finished_students(client)}
     interrupted = {run.info.run_id for run in before.values() if run.info.status == "RUNNING"

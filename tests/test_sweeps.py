@@ -16,13 +16,18 @@ import sys
 from itertools import product
 from pathlib import Path
 
+import pytest
 import yaml
-from conftest import FAST, run_command
-from hydra import compose, initialize_config_dir
+from conftest import (
+    EXPERIMENT,
+    FAST,
+    TRAIN_PY,
+    compose_config,
+    new_store,
+    run_command,
+    tracking_uri,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
-EXPERIMENT = "kdresearch"
 TINY = ("data=synthetic", *FAST)
 
 # What MLflow says when several processes create one fresh SQLite store at the same moment
@@ -33,20 +38,20 @@ STORE_RACE = re.compile(r"duplicate column name|table \w+ already exists|Online 
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def tracking_uri(folder: Path) -> str:
-    return f"sqlite:///{folder.resolve() / 'mlflow.db'}"
-
-
-def multirun(folder: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python train.py -m <overrides>` on the MLflow store and sweep folder inside `folder`.
+def multirun(folder: Path, *overrides: str, timeout: float = 600, fresh_store: bool = False
+             ) -> subprocess.CompletedProcess:
+    """`python train.py -m <overrides>` on the MLflow store and sweep folder inside `folder` (a copy
+    of the migrated empty store, unless `fresh_store`: the sweep's jobs create it).
 
     The sweep folder keeps Hydra's `${now:...}` pattern so that every job of the sweep resolves it
     (in its own process for the parallel launchers) and must agree on it.
     """
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    if not fresh_store:
+        new_store(folder)
     command = [
-        sys.executable, str(REPO_ROOT / "train.py"), "-m",
+        sys.executable, str(TRAIN_PY), "-m",
         f"tracking.uri={tracking_uri(folder)}",
         f"hydra.sweep.dir={folder}/multirun/${{now:%Y-%m-%d}}/${{now:%H-%M-%S}}",
         f"cache.dir={folder / 'cache'}", *TINY, *overrides,
@@ -109,8 +114,7 @@ def check_parent(client, runs, status: str = "FINISHED"):
 # --- the presets compose ---------------------------------------------------------------------------
 
 def hydra_node(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True).hydra
+    return compose_config(*overrides, hydra=True).hydra
 
 
 def test_launcher_and_sweeper_presets_compose():
@@ -144,6 +148,7 @@ def run_grid_sweep(tmp_path: Path, temperatures: tuple, weights: tuple) -> None:
     done = multirun(
         tmp_path, "hydra/launcher=parallel", "loss=kd",
         f"T={','.join(map(str, temperatures))}", f"loss.distill_weight={','.join(map(str, weights))}",
+        fresh_store=True,
     )
     check_sweep_ok(done)
     print(f"{len(temperatures) * len(weights)}-job sweep: {done.seconds:.1f} s")
@@ -168,14 +173,16 @@ def run_grid_sweep(tmp_path: Path, temperatures: tuple, weights: tuple) -> None:
     assert parent.data.tags["launcher"] == "JoblibLauncher"
 
 
+@pytest.mark.slow  # 8 jobs in 2 worker processes
 def test_parallel_sweep_8_jobs_one_teacher(tmp_path):
     """A sweep of 8 jobs: T=1,2,4,8 x loss.distill_weight=0.25,0.5 (~45-60 s on 2 busy cores)."""
     run_grid_sweep(tmp_path, (1, 2, 4, 8), (0.25, 0.5))
 
 
+@pytest.mark.slow  # a process per job besides the launcher's
 def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     """The SLURM launcher's code path (hydra-submitit-launcher) through submitit's local executor."""
-    done = multirun(tmp_path, "hydra/launcher=slurm_local", "seed=1,2")
+    done = multirun(tmp_path, "hydra/launcher=slurm_local", "seed=1,2", fresh_store=True)
     check_sweep_ok(done)
     print(f"submitit local 2-job sweep: {done.seconds:.1f} s")
     client, runs = all_runs(tmp_path)
@@ -189,6 +196,7 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     assert len(list(submitit.glob("*/*_result.pkl"))) == 2
 
 
+@pytest.mark.slow  # a search: 3 trials and their teacher in one process
 def test_optuna_search_reports_best_value(tmp_path):
     """hydra/sweeper=kd_search: 3 Optuna trials maximising the test accuracy train.py returns."""
     done = multirun(tmp_path, "hydra/sweeper=kd_search", "hydra.sweeper.n_trials=3", "loss=kd")
@@ -228,6 +236,7 @@ def test_basic_sweep_is_one_parent_run(tmp_path):
     assert (sweep_folders(tmp_path)[0] / "mlflow_parent_run.json").is_file()
 
 
+@pytest.mark.slow  # a second `python train.py -m` process; test_basic_sweep_is_one_parent_run is the default run's
 def test_sweep_with_a_failing_job_ends_its_parent_failed(tmp_path):
     """A job that fails stops the basic launcher; the parent must not stay RUNNING nor read FINISHED."""
     done = multirun(tmp_path, "optimizer.lr=0.001,1e12", "optimizer=sgd")

@@ -7,21 +7,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 from filelock import FileLock
 from omegaconf import OmegaConf
+from processes import Process
 
-from kdresearch.runtime import locks
 from kdresearch.data.synthetic import make_synthetic
 from kdresearch.models import DeepNN
+from kdresearch.runtime import locks
 from kdresearch.teacher import outputs as cache
 from kdresearch.teacher.outputs import CachedTeacher, OnlineTeacher, teacher_outputs
 from kdresearch.training.checkpoint import load_checkpoint
@@ -123,30 +121,20 @@ JOB = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # four processes
 def test_parallel_jobs_build_the_entry_once_and_read_it_whole(tmp_path, teacher, online):
     folder, counter, go = tmp_path / "cache", tmp_path / "computed.txt", tmp_path / "go"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     jobs = []
     for number in range(4):
         out, ready = tmp_path / f"out{number}.pt", tmp_path / f"ready{number}"
         command = [sys.executable, "-c", JOB, *map(str, (folder, counter, out, ready, go))]
-        jobs.append((subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True), out, ready))
-    try:
-        deadline = time.monotonic() + 300
-        while not all(ready.exists() for _, _, ready in jobs):
-            assert time.monotonic() < deadline, "jobs did not start"
-            for process, _, _ in jobs:
-                assert process.poll() is None, f"a job exited early:\n{process.communicate()[0]}"
-            time.sleep(0.05)
-        go.touch()
-        logs = [process.communicate(timeout=300)[0] for process, _, _ in jobs]
-    finally:
-        for process, _, _ in jobs:
-            if process.poll() is None:
-                process.kill()
-    for (process, _, _), output in zip(jobs, logs):
-        assert process.returncode == 0, output
+        jobs.append((Process(command, tmp_path / f"job{number}.log", one_thread=True), out, ready))
+    for process, _, ready in jobs:
+        process.wait_until(ready.exists, f"{ready.name}", poll=0.05)
+    go.touch()
+    for process, _, _ in jobs:
+        process.check_ok()
+    logs = [process.output for process, _, _ in jobs]
 
     assert len(counter.read_text().split()) == 1, "the entry was computed more than once"
     combined = "\n".join(logs)

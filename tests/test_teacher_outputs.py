@@ -1,13 +1,9 @@
 """The teacher-output cache: same results as running the teacher online, reused across runs,
 rebuilt when the teacher or the data change, and with augmentation kept per epoch of views."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import FAST
-from hydra import compose, initialize_config_dir
-from mlflow.tracking import MlflowClient
+from conftest import FAST, compose_job, mlflow_client
 from omegaconf import OmegaConf
 
 from kdresearch.data.synthetic import make_synthetic
@@ -16,30 +12,26 @@ from kdresearch.teacher.outputs import CachedTeacher, cache_key, teacher_outputs
 from kdresearch.tracking.store import metric_history
 from kdresearch.training.job import run_job
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-SMALL = ["data=synthetic", *FAST, "data.limit_train=384", "epochs=2"]
+SMALL = [*FAST, "data.limit_train=384", "epochs=2"]
 
 
-def compose_job(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=SMALL + [
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"cache.dir={tmp_path / 'cache'}", *overrides,
-        ])
+def small_job(store, *overrides):
+    return compose_job(store, *SMALL, *overrides)
 
 
 @pytest.fixture(scope="module")
 def teacher_checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("teacher")
-    return run_job(compose_job(tmp, "model=deep", "epochs=1"), tmp / "job").checkpoint
+    return run_job(small_job(tmp, "model=deep", "epochs=1"), tmp / "job").checkpoint
 
 
 @pytest.mark.parametrize("loss", ["kd", "cosine", "regressor"])
 def test_cached_run_equals_online_run(tmp_path, teacher_checkpoint, loss):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow_client(tmp_path)
     histories = {}
     for cache in ("true", "false"):
-        cfg = compose_job(tmp_path, f"loss={loss}", f"teacher.checkpoint={teacher_checkpoint}",
-                          f"cache.enabled={cache}")
+        cfg = small_job(tmp_path, f"loss={loss}", f"teacher.checkpoint={teacher_checkpoint}",
+                        f"cache.enabled={cache}")
         result = run_job(cfg, tmp_path / f"job-{cache}")
         run = client.get_run(result.run_id)
         assert run.data.tags["teacher_cache"] == ("used" if cache == "true" else "online")
@@ -103,11 +95,11 @@ def test_augmented_views_depend_on_seed_epoch_and_sample_only():
 def test_augmented_views_teacher_equals_online_and_is_shared(tmp_path, teacher_checkpoint):
     """With data.augment, the teacher's outputs for each epoch's views are computed once and read by
     every job with the same augmentation seed; the metrics equal the online computation's."""
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow_client(tmp_path)
     common = ("loss=kd", f"teacher.checkpoint={teacher_checkpoint}", "data.augment=true", "augment_seed=5")
 
     def run(*overrides):
-        result = run_job(compose_job(tmp_path, *common, *overrides), tmp_path / f"job-{len(overrides)}-{overrides}")
+        result = run_job(small_job(tmp_path, *common, *overrides), tmp_path / f"job-{len(overrides)}-{overrides}")
         run = client.get_run(result.run_id)
         keys = [key for key in run.data.metrics if key != "epoch_seconds" and not key.startswith("budget/")]  # times, teacher counts differ
         return run, metric_history(client, result.run_id, keys)

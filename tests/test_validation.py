@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import FAST, check_ok, experiment_runs, mlflow_client, run_train
+from conftest import FAST, check_ok, experiment_runs, mlflow_client, train_in_process
 
 from kdresearch.data.splits import stratified_holdout
 from kdresearch.data.synthetic import make_synthetic
@@ -52,7 +52,7 @@ def test_bad_val_size_is_one_line(val_size):
 
 
 def test_job_logs_validation_and_reports_test_at_the_best_validation_epoch(tmp_path):
-    check_ok(run_train(tmp_path, *FAST, "epochs=3", "data.limit_train=null", "data.num_train=600",
+    check_ok(train_in_process(tmp_path, *FAST, "epochs=3", "data.limit_train=null", "data.num_train=600",
                        "data.val_size=100", "optimizer.lr=0.003"))
     client = mlflow_client(tmp_path)
     (run,) = experiment_runs(client)
