@@ -13,6 +13,7 @@ from kdresearch.config.validation import check_config
 from kdresearch.data.splits import ImageData
 from kdresearch.errors import KDResearchError
 from kdresearch.losses.base import TrainingLoss
+from kdresearch.losses.combine import build_loss
 from kdresearch.losses.kd import SoftTargetKD
 
 DEFAULT_GROUPS = ("model", "teacher", "loss", "optimizer", "scheduler", "device", "data")
@@ -60,7 +61,7 @@ def instantiate_everything(cfg):
     student = build(cfg.model, "model")
     teacher = build(cfg.teacher.model, "teacher.model")
     assert isinstance(student, torch.nn.Module) and isinstance(teacher, torch.nn.Module)
-    loss = build(cfg.loss, "loss")
+    loss = build_loss(cfg.loss)  # as the job builds it (a combined loss builds its terms)
     assert isinstance(loss, TrainingLoss)
     if loss.needs_teacher:
         try:
@@ -84,6 +85,10 @@ def instantiate_everything(cfg):
     return student, teacher, loss, optimizer
 
 
+# Options that are only complete with more overrides: loss=combine sums the methods added to it.
+GROUP_OPTION_NEEDS = {("loss", "combine"): ["+loss@loss.kd=kd", "+loss@loss.at=at"]}
+
+
 @pytest.mark.parametrize("group, option", group_options(), ids=[f"{g}={o}" for g, o in group_options()])
 def test_group_option_composes_and_instantiates(group, option):
     if group in DEFAULT_GROUPS:
@@ -96,6 +101,7 @@ def test_group_option_composes_and_instantiates(group, option):
         overrides = [f"{group}={option}", "data=synthetic", *SMALL_SYNTHETIC]
     else:  # presets outside the defaults list
         overrides = [f"+{group}={option}"]
+    overrides += GROUP_OPTION_NEEDS.get((group, option), [])
     cfg = compose_config(*overrides)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     if group == "teacher":
