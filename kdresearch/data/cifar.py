@@ -4,7 +4,6 @@ uint8 tensors (CIFAR-10 is 150 MB as uint8, so the whole set lives in one (N, 3,
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from kdresearch.data.splits import (
     check_num_classes,
     in_memory_data,
 )
+from kdresearch.digests import file_digest
 from kdresearch.errors import KDResearchError
 
 CIFAR10_CLASSES = (
@@ -59,14 +59,6 @@ CIFAR10 = CifarRelease("cifar10", "CIFAR-10", CIFAR10_FOLDER, CIFAR10_TRAIN_FILE
                        "labels", "batches.meta", "label_names", "CIFAR10", CIFAR10_CLASSES)
 CIFAR100 = CifarRelease("cifar100", "CIFAR-100", CIFAR100_FOLDER, ("train",), "test",
                         "fine_labels", "meta", "fine_label_names", "CIFAR100")
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _torchvision_dataset(release: CifarRelease):
@@ -180,7 +172,7 @@ def load_cifar(release: CifarRelease, root: str, download: bool, verify: bool, n
         )
     if verify:
         expected = _official_md5s(release)
-        mismatched = [name for name in release.data_files if _md5(folder / name) != expected[name]]
+        mismatched = [name for name in release.data_files if file_digest(folder / name, "md5") != expected[name]]
         if mismatched:
             raise KDResearchError(
                 f"{release.title} files in {folder} do not match the official md5 sums "

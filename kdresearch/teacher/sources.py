@@ -20,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdresearch.config.identity import config_identity, identity_hash
+from kdresearch.digests import file_digest
 from kdresearch.errors import KDResearchError
 from kdresearch.layout import CONF_DIR
 from kdresearch.models import model_name
-from kdresearch.teacher.provenance import TeacherSource, claimed_accuracy, file_sha256
+from kdresearch.teacher.provenance import TeacherSource, claimed_accuracy
 from kdresearch.tracking.names import CONFIG_HASH, tag_equals
 from kdresearch.training.weights import CheckpointSource, from_path, from_run, load_weights
 
@@ -91,7 +92,7 @@ def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, t
         found = load_teacher_weights(teacher, source)
         log.info("teacher: loaded from %s%s", source.description, f" (run {source.run_id})" if source.run_id else "")
         found.file = source.label  # the file read, also when `file` names a job folder
-        found.file_sha256 = file_sha256(Path(source.label))
+        found.file_sha256 = file_digest(Path(source.label))
         found.weights = str(cfg.teacher.weights) if cfg.teacher.get("weights") else None
         return found
 
