@@ -7,13 +7,14 @@
 - `run_train(store, *overrides)`: `python train.py` as a user runs it, for what only the process
   shows: its exit status and output as `train.py` and Hydra print them, signals, a real start-up.
   A fresh interpreter costs several seconds of imports.
-- `processes.Process`: a background process with its output in a log file, for tests that
-  signal, kill or wait on it (see tests/processes.py).
+- `start_train(store, name, *overrides)`: that process in the background (a processes.Process,
+  its output in a log file), for tests that signal, kill or wait on it.
 
-Both job helpers run with `data=synthetic quiet=true`, their own job folder and an SQLite MLflow
-store inside the test's temporary folder, so tests never touch the project's `mlflow.db`,
-`outputs/` or caches. A store starts as a copy of one empty store migrated once per session
-(MLflow's schema migrations cost seconds per new SQLite file).
+`compose_config` / `compose_job` give the config such a job runs, for tests that call `run_job`
+themselves. The job helpers run with `data=synthetic quiet=true`, their own job folder and an
+SQLite MLflow store inside the test's temporary folder, so tests never touch the project's
+`mlflow.db`, `outputs/` or caches. A store starts as a copy of one empty store migrated once per
+session (MLflow's schema migrations cost seconds per new SQLite file).
 """
 
 from __future__ import annotations
@@ -278,8 +279,8 @@ def check_ok(done):
 def run_parallel(tasks: dict[str, Callable[[], object]], workers: int = 2) -> dict[str, object]:
     """Run independent tasks (each typically one or a chain of `run_train` calls) `workers` at a
     time: a job's start-up (imports, store) is single-threaded, so two at once halve the wall time
-    on 2 cores. Returns {name: result}; a task's exception is re-raised here. Never for
-    `train_in_process` jobs: they share this process's RNGs and logging."""
+    on 2 cores. Returns {name: result}; a task's exception is re-raised here. At most one task may
+    train in-process (`train_in_process` jobs share this process's RNGs and logging)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {name: pool.submit(task) for name, task in tasks.items()}
         return {name: future.result() for name, future in futures.items()}

@@ -33,6 +33,7 @@ from conftest import (
     REPO_ROOT,
     check_ok,
     describe,
+    experiment_runs,
     mlflow_client,
     new_store,
     start_train,
@@ -78,11 +79,7 @@ def signal_when(job: Process, done, what: str, signum: int) -> None:
 
 
 def all_runs(store: Path):
-    client = mlflow_client(store)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
-        return []
-    return client.search_runs([experiment.experiment_id], max_results=100)
+    return experiment_runs(mlflow_client(store))
 
 
 def only_run(store: Path):

@@ -7,17 +7,18 @@ system metrics. A store outside a git checkout or an unreachable registry costs 
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import (
     FAST,
     REPO_ROOT,
+    TRAIN_PY,
     check_ok,
     experiment_runs,
     mlflow_client,
     new_store,
-    run_train,
     tracking_uri,
     train_in_process,
 )
@@ -43,14 +44,15 @@ def is_checkout() -> bool:
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    """One job with validation split, model logging, registration and system metrics, as a real
-    `python train.py` process (what it records about its source is the point)."""
+    """One job with validation split, model logging, registration and system metrics, trained
+    in-process as `python train.py` would run it (the script it records as its source is argv[0])."""
     store = tmp_path_factory.mktemp("records")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
-        done = check_ok(run_train(store, *FAST, "epochs=2", "data.limit_train=1000", "data.val_size=100",
-                                  "tracking.log_model=true", "tracking.register_model=tiny-light",
-                                  "tracking.system_metrics=true"))
+        patch.setattr(sys, "argv", [str(TRAIN_PY)])
+        done = check_ok(train_in_process(store, *FAST, "epochs=2", "data.limit_train=1000", "data.val_size=100",
+                                         "tracking.log_model=true", "tracking.register_model=tiny-light",
+                                         "tracking.system_metrics=true"))
     (run,) = experiment_runs(mlflow_client(store))
     return store, run, done
 

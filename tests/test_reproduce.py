@@ -4,12 +4,11 @@ the real command end to end (slow: five `python train.py` subprocesses)."""
 from __future__ import annotations
 
 import csv
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import new_store, tracking_uri, train_command_in_process
+from conftest import new_store, run_command, tracking_uri, train_command_in_process
 from mlflow.tracking import MlflowClient
 
 from kdresearch.errors import KDResearchError
@@ -107,8 +106,8 @@ def test_reproduce_command_end_to_end(tmp_path):
     out = tmp_path / "repro"
     command = [sys.executable, str(SCRIPT), *SMALL, f"tracking.uri={uri}", f"cache.dir={tmp_path / 'cache'}",
                "--out", str(out)]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
-    output = done.stdout + done.stderr
+    done = run_command(command, timeout=1200, cwd=tmp_path)
+    output = done.output
     assert done.returncode == 0, output[-6000:]
     table = output[output.index("=== The tutorial's runs"):]
     for name in NAMES:
