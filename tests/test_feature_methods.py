@@ -599,6 +599,7 @@ def store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("feature-methods")  # one store: the teacher is trained once, then reused
 
 
+@pytest.mark.slow  # a teacher and two jobs per method: the methods' loss values are checked in the default run
 @pytest.mark.parametrize("name", list(JOBS))
 def test_method_trains_logs_its_parts_and_resumes_exactly(store, name):
     overrides, logged = JOBS[name]
@@ -623,7 +624,6 @@ def test_method_trains_logs_its_parts_and_resumes_exactly(store, name):
     interrupted = store / f"{name}-interrupted"
     (interrupted / "checkpoints").mkdir(parents=True)
     shutil.copy(store / name / "checkpoints" / "epoch_0001.pt", interrupted / "checkpoints")
-    client.set_terminated(job.run_id, "KILLED")  # as a stopped job leaves it (a FINISHED run is never reopened)
     client.set_terminated(job.run_id, "KILLED")  # as a stopped job leaves it (a FINISHED run is never reopened)
     resumed = run_job(job_config(store, *overrides, f"resume={interrupted}"), store / f"{name}-unused")
     done, again = load_checkpoint(job.checkpoint), load_checkpoint(resumed.checkpoint)

@@ -486,6 +486,7 @@ def compose_job(store: Path, *overrides: str):
                                             f"cache.dir={store / 'cache'}", *overrides])
 
 
+@pytest.mark.slow  # a teacher and two jobs per method: the methods' loss values are checked in the default run
 @pytest.mark.parametrize("method", list(PARTS))
 def test_method_trains_logs_its_parts_and_resumes_exactly(job_store, method):
     job = run_job(compose_job(job_store, f"loss={method}"), job_store / method)
