@@ -270,6 +270,32 @@ def train_command_in_process(command: list[str]) -> int:
     return 0
 
 
+def interrupted_after_epoch_1(client, job, folder: Path) -> Path:
+    """`folder` made to look like `job`'s folder after a stop in epoch 2: its epoch-1 checkpoint alone,
+    and its run KILLED as a stopped job leaves it (a FINISHED run is never reopened by resume=)."""
+    (folder / "checkpoints").mkdir(parents=True)
+    shutil.copy(Path(job.checkpoint).parent / "epoch_0001.pt", folder / "checkpoints")
+    client.set_terminated(job.run_id, "KILLED")
+    return folder
+
+
+def assert_resumed_exactly(done_path: Path, again_path: Path) -> None:
+    """The final checkpoints of an uninterrupted and a resumed job hold the same weights, the same
+    loss state (connectors, heads, banks) and the same metrics (but for the epoch's wall time)."""
+    import torch
+
+    from kdresearch.training.checkpoint import load_checkpoint
+
+    done, again = load_checkpoint(done_path), load_checkpoint(again_path)
+    for section in ("model", "loss"):
+        assert done[section].keys() == again[section].keys()
+        for key, tensor in done[section].items():
+            assert torch.equal(tensor, again[section][key]), f"{section}.{key}"
+    drop = {"epoch_seconds"}
+    assert {k: v for k, v in done["metrics"].items() if k not in drop} == {
+        k: v for k, v in again["metrics"].items() if k not in drop}
+
+
 def check_ok(done):
     """Fail with the job's own output when it did not exit 0."""
     assert done.returncode == 0, describe(done)

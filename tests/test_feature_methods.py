@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, compose_job, mlflow_client
+from conftest import assert_resumed_exactly, compose_config, compose_job, interrupted_after_epoch_1, mlflow_client
 from torch.nn import functional as F
 
 from kdresearch.config.groups import build
@@ -622,18 +621,9 @@ def test_method_trains_logs_its_parts_and_resumes_exactly(store, name):
         assert not torch.equal(after_init["conv1.weight"], initial["conv1.weight"])
 
     interrupted = store / f"{name}-interrupted"
-    (interrupted / "checkpoints").mkdir(parents=True)
-    shutil.copy(store / name / "checkpoints" / "epoch_0001.pt", interrupted / "checkpoints")
-    client.set_terminated(job.run_id, "KILLED")  # as a stopped job leaves it (a FINISHED run is never reopened)
+    interrupted_after_epoch_1(client, job, interrupted)
     resumed = run_job(job_config(store, *overrides, f"resume={interrupted}"), store / f"{name}-unused")
-    done, again = load_checkpoint(job.checkpoint), load_checkpoint(resumed.checkpoint)
-    for section in ("model", "loss"):
-        assert done[section].keys() == again[section].keys()
-        for key, tensor in done[section].items():
-            assert torch.equal(tensor, again[section][key]), f"{section}.{key}"
-    drop = {"epoch_seconds"}
-    assert {k: v for k, v in done["metrics"].items() if k not in drop} == {
-        k: v for k, v in again["metrics"].items() if k not in drop}
+    assert_resumed_exactly(job.checkpoint, resumed.checkpoint)
     teachers = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_name.startswith("resnet20")]
     assert len(teachers) == 1  # every method reused the one teacher
 

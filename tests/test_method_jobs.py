@@ -4,15 +4,12 @@ weights, metrics and loss state (connectors, heads, memory banks) of the uninter
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import compose_job
+from conftest import assert_resumed_exactly, compose_job, interrupted_after_epoch_1
 from mlflow.tracking import MlflowClient
 
-from kdresearch.training.checkpoint import load_checkpoint
 from kdresearch.training.job import run_job
 
 PAIR = ["model=resnet8", "teacher=resnet14", "data.num_train=256", "data.num_test=64", "device=cpu", "epochs=2",
@@ -50,17 +47,8 @@ def test_method_trains_and_resumes_exactly(store, method):
     assert {f"train/{part}", "train/ce", "test/acc"} <= set(run.data.metrics)
 
     interrupted = store / f"{method}-interrupted"
-    (interrupted / "checkpoints").mkdir(parents=True)
-    shutil.copy(store / method / "checkpoints" / "epoch_0001.pt", interrupted / "checkpoints")
-    client.set_terminated(job.run_id, "KILLED")  # as a stopped job leaves it (a FINISHED run is never reopened)
+    interrupted_after_epoch_1(client, job, interrupted)
     resumed = run_job(pair_job(store, *overrides, f"resume={interrupted}"), store / "unused")
-    done, again = load_checkpoint(job.checkpoint), load_checkpoint(resumed.checkpoint)
-    for section in ("model", "loss"):
-        assert done[section].keys() == again[section].keys()
-        for key, tensor in done[section].items():
-            assert torch.equal(tensor, again[section][key]), f"{section}.{key}"
-    drop = {"epoch_seconds"}
-    assert {k: v for k, v in done["metrics"].items() if k not in drop} == {
-        k: v for k, v in again["metrics"].items() if k not in drop}
+    assert_resumed_exactly(job.checkpoint, resumed.checkpoint)
     deep_runs = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_name == "resnet14-ce"]
     assert len(deep_runs) == 1  # every method reused the one teacher

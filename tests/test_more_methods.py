@@ -14,12 +14,11 @@ code), each run on exactly these tensors in float32.
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, experiment_runs
+from conftest import CONF_DIR, assert_resumed_exactly, experiment_runs, interrupted_after_epoch_1
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -28,7 +27,6 @@ from torch.nn import functional as F
 
 from kdresearch.architectures.resnet import resnet8, resnet20, resnet32x4
 from kdresearch.errors import KDResearchError
-from kdresearch.losses.kd import standardize_logits
 from kdresearch.losses.kdsvd import KDSVD
 from kdresearch.losses.nkd import NKD
 from kdresearch.losses.vid import VID
@@ -497,21 +495,12 @@ def test_method_trains_logs_its_parts_and_resumes_exactly(job_store, method):
         assert math.isfinite(run.data.metrics[f"train/{part}"]), f"train/{part} missing or not finite"
 
     interrupted = job_store / f"{method}-interrupted"
-    (interrupted / "checkpoints").mkdir(parents=True)
-    shutil.copy(job_store / method / "checkpoints" / "epoch_0001.pt", interrupted / "checkpoints")
-    client.set_terminated(job.run_id, "KILLED")  # as a stopped job leaves it (a FINISHED run is never reopened)
+    interrupted_after_epoch_1(client, job, interrupted)
     resumed = run_job(compose_job(job_store, f"loss={method}", f"resume={interrupted}"), job_store / "unused")
-    done, again = load_checkpoint(job.checkpoint), load_checkpoint(resumed.checkpoint)
-    for section in ("model", "loss"):
-        assert done[section].keys() == again[section].keys()
-        for key, tensor in done[section].items():
-            assert torch.equal(tensor, again[section][key]), f"{section}.{key}"
-    drop = {"epoch_seconds"}
-    assert {k: v for k, v in done["metrics"].items() if k not in drop} == {
-        k: v for k, v in again["metrics"].items() if k not in drop}
+    assert_resumed_exactly(job.checkpoint, resumed.checkpoint)
     if method == "vid":  # the variances trained with the student's optimizer
-        start = torch.full_like(done["loss"]["alphas.0"], math.log(math.expm1(5.0 - 1e-5)))
-        assert not torch.allclose(done["loss"]["alphas.0"], start)
+        alphas = load_checkpoint(job.checkpoint)["loss"]["alphas.0"]
+        assert not torch.allclose(alphas, torch.full_like(alphas, math.log(math.expm1(5.0 - 1e-5))))
     teachers = [r for r in client.search_runs([run.info.experiment_id]) if r.data.tags.get("loss") == "ce"]
     assert len(teachers) == 1  # every method reused the one teacher
 
