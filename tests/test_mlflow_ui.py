@@ -16,6 +16,7 @@ from conftest import check_ok, experiment_runs, tracking_uri, train_in_process
 JOBS = {"light-ce": ("loss=ce",), "deep-ce": ("model=deep", "loss=ce")}
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 CHART_CARD = "experiment-view-compare-runs-card"  # data-testid of one metric chart
+CHART_SEARCH = "Search metric charts"  # placeholder of the chart view's search box
 PLOTTED_POINTS = ".js-plotly-plot .scatterlayer path.point"  # the markers of the chart's lines
 
 
@@ -58,6 +59,9 @@ def test_mlflow_ui_shows_runs_metric_chart_and_artifacts(store, client, trained,
 
         # The chart view: a test/acc card with a line of two points (epochs) per run.
         page.locator("label").filter(has=page.locator("input[name='runs-view-mode'][value='CHART']")).click()
+        # Runs log more metrics than one screen of cards (budget/*, fidelity, ...), and cards off screen
+        # are not drawn: find the chart as a user does, by the chart search box.
+        page.get_by_placeholder(CHART_SEARCH).fill("test/acc")
         card = page.get_by_test_id(CHART_CARD).filter(has=page.get_by_text("test/acc", exact=True))
         for name in JOBS:
             card.get_by_text(f"{name} (test/acc)", exact=True).wait_for(timeout=UI_TIMEOUT_MS)
@@ -77,6 +81,7 @@ def test_mlflow_ui_shows_runs_metric_chart_and_artifacts(store, client, trained,
 
         # The run's own "Model metrics" tab (plain URL) charts test/acc too.
         page.goto(f"{url}{plain}/runs/{light_ce}/model-metrics", wait_until="domcontentloaded")
+        page.get_by_placeholder(CHART_SEARCH).fill("test/acc")
         card = page.get_by_test_id(CHART_CARD).filter(has=page.get_by_text("light-ce (test/acc)", exact=True))
         expect(card.locator(PLOTTED_POINTS)).to_have_count(2, timeout=UI_TIMEOUT_MS)
         page.screenshot(path=str(tmp_path / "mlflow-run-metrics.png"))
