@@ -29,6 +29,7 @@ from kdresearch.losses.kd import soft_target_kd
 from kdresearch.models import DeepNN, LightNN, ModelOutputs
 
 N_DATA, K, FEAT, B, C = 50, 8, 4, 6, 10
+TRAIN_LABELS = torch.arange(N_DATA) % C  # 5 samples per class: 45 of other classes for each anchor
 S_DIM, T_DIM = LightNN.embedding_dim, DeepNN.embedding_dim  # 256, 512
 EPS = 1e-7
 
@@ -37,7 +38,7 @@ def bound_loss(seed=0, **options) -> ContrastiveRepresentationDistillation:
     options = {"nce_k": K, "feat_dim": FEAT, **options}
     loss = ContrastiveRepresentationDistillation(**options)
     torch.manual_seed(seed)
-    loss.bind(LightNN(), DeepNN(), train_size=N_DATA)
+    loss.bind(LightNN(), DeepNN(), train_size=N_DATA, train_labels=TRAIN_LABELS)
     return loss
 
 
@@ -114,7 +115,7 @@ def test_nce_matches_plain_formula_with_the_drawn_negatives():
     torch.manual_seed(7)
     total, parts = loss(student, teacher, labels, progress(index))
     torch.manual_seed(7)  # the same draws again: the loss's negatives come from the global RNG
-    negatives = loss.sample_negatives(B)
+    negatives = loss.sample_negatives(index)
     assert negatives.shape == (B, K) and negatives.dtype == torch.long
     assert 0 <= negatives.min() and negatives.max() < N_DATA
 
@@ -134,7 +135,7 @@ def test_explicit_negatives_give_the_same_value():
     torch.manual_seed(3)
     drawn = first.contrast(student.embedding, teacher.embedding, index)
     torch.manual_seed(3)
-    given = second.contrast(student.embedding, teacher.embedding, index, negatives=second.sample_negatives(B))
+    given = second.contrast(student.embedding, teacher.embedding, index, negatives=second.sample_negatives(index))
     close(drawn, given, rtol=0, atol=0)
 
 
@@ -188,7 +189,7 @@ def test_memory_update_moves_only_the_positives(mom):
     torch.manual_seed(7)
     loss(student, teacher, labels, progress(index))
     torch.manual_seed(7)
-    negatives = loss.sample_negatives(B)
+    negatives = loss.sample_negatives(index)
     _, _, v_s, v_t = plain_crd(loss, old_s, old_t, student.embedding, teacher.embedding, index, negatives)
 
     for bank, old, new in ((loss.memory_student, old_s, v_s), (loss.memory_teacher, old_t, v_t)):
@@ -214,7 +215,7 @@ def test_z_is_set_by_the_first_batch_then_fixed():
     torch.manual_seed(11)
     _, parts = loss(student2, teacher2, labels2, progress(index2))
     torch.manual_seed(11)
-    negatives = loss.sample_negatives(B)
+    negatives = loss.sample_negatives(index2)
     assert torch.equal(loss.nce_z, z)
     crd, _, _, _ = plain_crd(loss, bank_s, bank_t, student2.embedding, teacher2.embedding, index2, negatives,
                              z=tuple(z.tolist()))
@@ -275,12 +276,65 @@ def test_bf16_autocast_keeps_the_contrast_in_float32():
     close(parts["crd"], exact["crd"], rtol=0.05, atol=0.05)  # only the inputs were rounded to bf16
 
 
+# --- how negatives are drawn ---------------------------------------------------------------------
+
+def test_default_negatives_are_distinct_samples_of_the_other_classes():
+    """RepDistiller's CIFAR-100 draw (CIFAR100InstanceSample, mode 'exact'): K negatives per anchor,
+    without replacement, from the samples whose class differs from the anchor's."""
+    loss = bound_loss(nce_k=40)  # 45 samples of other classes per anchor
+    assert loss.negatives == "other_classes"
+    index = torch.arange(N_DATA)
+    torch.manual_seed(5)
+    negatives = loss.sample_negatives(index)
+    assert negatives.shape == (N_DATA, 40)
+    for anchor, row in zip(index.tolist(), negatives.tolist()):
+        assert len(set(row)) == 40  # distinct
+        assert all(TRAIN_LABELS[j] != TRAIN_LABELS[anchor] for j in row)  # never the anchor's class
+
+
+def test_other_class_draw_is_uniform_over_the_others():
+    """Every sample of another class is drawn equally often (a uniformly random K-subset)."""
+    loss = bound_loss(nce_k=9)
+    torch.manual_seed(0)
+    anchors = torch.zeros(4000, dtype=torch.long)  # class 0: samples 0, 10, 20, 30, 40
+    counts = torch.bincount(loss.sample_negatives(anchors).flatten(), minlength=N_DATA).double()
+    others = TRAIN_LABELS != 0
+    assert counts[~others].sum() == 0
+    expected = 4000 * 9 / 45
+    assert (counts[others] - expected).abs().max() < 5 * math.sqrt(expected)  # within 5 sigma
+
+
+def test_uniform_negatives_span_the_training_set_with_replacement():
+    loss = bound_loss(negatives="uniform")
+    torch.manual_seed(0)
+    drawn = loss.sample_negatives(torch.zeros(2000, dtype=torch.long))
+    assert int(TRAIN_LABELS[drawn].eq(0).sum()) > 0  # the anchor's class too
+    assert set(drawn.flatten().tolist()) == set(range(N_DATA))
+
+
+def test_other_class_negatives_need_the_labels_and_enough_others():
+    with pytest.raises(KDResearchError, match=r"needs the training labels.*loss\.negatives=uniform"):
+        ContrastiveRepresentationDistillation(nce_k=K).bind(LightNN(), DeepNN(), train_size=N_DATA)
+    with pytest.raises(KDResearchError) as raised:  # 45 samples outside each class
+        bound_loss(nce_k=46)
+    message = str(raised.value)
+    assert "nce_k=46" in message and "leaves 45" in message and "loss.negatives=uniform" in message
+    assert "\n" not in message
+    bound_loss(nce_k=45)  # exactly all the others: fine
+
+
+def test_negatives_option_is_checked():
+    with pytest.raises(KDResearchError, match="loss.negatives"):
+        ContrastiveRepresentationDistillation(negatives="exact")
+
+
 # --- refusals ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("train_size", [8, 5, 0])
 def test_refuses_nce_k_not_below_train_size(train_size):
     with pytest.raises(KDResearchError) as raised:
-        ContrastiveRepresentationDistillation(nce_k=8, feat_dim=FEAT).bind(LightNN(), DeepNN(), train_size=train_size)
+        ContrastiveRepresentationDistillation(nce_k=8, feat_dim=FEAT, negatives="uniform").bind(
+            LightNN(), DeepNN(), train_size=train_size)
     message = str(raised.value)
     assert "loss=crd" in message and "nce_k=8" in message and "loss.nce_k" in message
     assert "\n" not in message
@@ -288,7 +342,7 @@ def test_refuses_nce_k_not_below_train_size(train_size):
 
 def test_default_nce_k_refused_on_a_small_set_and_suggests_a_value():
     with pytest.raises(KDResearchError, match=r"loss\.nce_k=64"):
-        ContrastiveRepresentationDistillation().bind(LightNN(), DeepNN(), train_size=256)
+        ContrastiveRepresentationDistillation(negatives="uniform").bind(LightNN(), DeepNN(), train_size=256)
 
 
 @pytest.mark.parametrize("index_given", [False, True])
@@ -325,7 +379,7 @@ def test_rejects_bad_options(key, value, message):
 def test_refuses_different_class_counts_when_kd_is_on():
     with pytest.raises(KDResearchError, match=r"same classes \(100 vs 10\)"):
         ContrastiveRepresentationDistillation(kd_weight=1.0, nce_k=K).bind(
-            LightNN(num_classes=10), DeepNN(num_classes=100), train_size=N_DATA)
+            LightNN(num_classes=10), DeepNN(num_classes=100), train_size=N_DATA, train_labels=TRAIN_LABELS)
 
 
 # --- data-parallel: the bank update gathers every rank's rows ----------------------------------
@@ -339,7 +393,7 @@ from kdresearch.models import DeepNN, LightNN
 
 rank, store, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
-loss = ContrastiveRepresentationDistillation(nce_k=8, feat_dim=4)
+loss = ContrastiveRepresentationDistillation(nce_k=8, feat_dim=4, negatives="uniform")
 torch.manual_seed(0)
 loss.bind(LightNN(), DeepNN(), train_size=50)
 gen = torch.Generator().manual_seed(1)

@@ -82,8 +82,8 @@ class AttentionTransfer(WeightedDistillation):
         self.p = number("loss.p", p, positive=True)
         self.pairs = None
 
-    def bind(self, student, teacher, *, train_size=0):
-        super().bind(student, teacher, train_size=train_size)
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
+        super().bind(student, teacher, train_size=train_size, train_labels=train_labels)
         self.pairs = min(len(student.stage_channels), len(teacher.stage_channels))
         if self.pairs == 0:
             raise pair_error("at", "attention transfer needs at least one stage in each model", student, teacher)

@@ -9,10 +9,12 @@ A loss is an `nn.Module` called as `loss(student, teacher, labels, progress)`:
 - it returns `(total, parts)`: the loss to minimise and a dict of unweighted terms, logged as
   `train/<name>`.
 
-Before training, `bind(student, teacher, train_size=N)` gets the two models' shape facts
-(`kdresearch.models.Network`): a loss checks that the pair can feed it (raising one line that names
-both models and their shapes), creates modules sized from the pair (connectors, embedding heads)
-and buffers (memory banks), and sets `teacher_fields`. Everything it creates is in
+Before training, `bind(student, teacher, train_size=N, train_labels=labels)` gets the two models'
+shape facts (`kdresearch.models.Network`) and the training set's size and labels (int64, (N,), in
+the order of `progress.index`; None in unit tests of losses that do not read them): a loss checks
+that the pair can feed it (raising one line that names both models and their shapes), creates
+modules sized from the pair (connectors, embedding heads) and buffers (memory banks), and sets
+`teacher_fields`. Everything it creates is in
 `state_dict()` (so in checkpoints, and resume is exact) and its parameters are trained with the
 student's (`loss.parameters()`). `bind` runs on the student's RNG stream right after the student
 is built, so a run's initial weights depend on the seed alone.
@@ -78,7 +80,8 @@ class TrainingLoss(nn.Module):
     # ModelOutputs fields read from the teacher: "logits", "embedding", "hidden", "stage<i>".
     teacher_fields: tuple[str, ...] = ()
 
-    def bind(self, student: Network, teacher: Optional[Network], *, train_size: int = 0) -> None:
+    def bind(self, student: Network, teacher: Optional[Network], *, train_size: int = 0,
+             train_labels: Optional[torch.Tensor] = None) -> None:
         """Check the pair and size what the loss owns; see the module docstring."""
         if self.needs_teacher and "logits" in self.teacher_fields and student.num_classes != teacher.num_classes:
             raise pair_error(self.loss_name(), f"teacher and student need the same classes "

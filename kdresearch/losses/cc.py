@@ -59,8 +59,8 @@ class CorrelationCongruence(WeightedDistillation):
         self.head_student: Optional[nn.Linear] = None
         self.head_teacher: Optional[nn.Linear] = None
 
-    def bind(self, student, teacher, *, train_size=0):
-        super().bind(student, teacher, train_size=train_size)
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
+        super().bind(student, teacher, train_size=train_size, train_labels=train_labels)
         self.head_student = nn.Linear(student.embedding_dim, self.feat_dim)
         self.head_teacher = nn.Linear(teacher.embedding_dim, self.feat_dim)
 

@@ -38,7 +38,7 @@ class MultiMargin(TrainingLoss):
         except ValueError as error:  # torch refuses p other than 1 or 2
             raise KDResearchError(f"loss=multimargin: {error} (got loss.p={p!r})") from None
 
-    def bind(self, student, teacher, *, train_size=0):
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
         weight = self.criterion.weight
         if weight is not None and weight.numel() != student.num_classes:
             raise KDResearchError(

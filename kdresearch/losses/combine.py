@@ -104,10 +104,10 @@ class CombinedLoss(TrainingLoss):
     def loss_name(self) -> str:
         return "combine"
 
-    def bind(self, student, teacher, *, train_size=0):
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
         fields: list[str] = []
         for term in self.terms.values():
-            term.bind(student, teacher, train_size=train_size)
+            term.bind(student, teacher, train_size=train_size, train_labels=train_labels)
             fields += [field for field in term.teacher_fields if field not in fields]
         self.teacher_fields = tuple(fields)
 

@@ -28,7 +28,7 @@ class CosineHidden(WeightedDistillation):
     student_features = True
     part_name = "cosine"
 
-    def bind(self, student, teacher, *, train_size=0):
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
         s_dim, t_dim = student.hidden_dim, teacher.hidden_dim
         if t_dim % s_dim != 0:
             raise pair_error("cosine", f"the teacher's hidden size ({t_dim}) must be a multiple of the "

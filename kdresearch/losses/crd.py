@@ -16,12 +16,12 @@ Z (one per direction) is estimated once, on the first batch, as mean(exp(<M_j, v
 kept fixed. After the scores, the batch's rows of both banks move towards the new embeddings:
 M[i] <- normalise(nce_mom * M[i] + (1 - nce_mom) * v_i).
 
-Negatives are drawn uniformly over the whole training set (with replacement, the positive itself
-possible), which is what ContrastMemory does when it is given no indices (alias method over uniform
-unigrams). The paper's CIFAR-100 runs hand it indices from the dataset instead
-(`CIFAR100InstanceSample`, mode 'exact'): K negatives without replacement from the samples of the
-other classes. The loss is told no labels of the training set, so it cannot do that; on CIFAR-100 a
-uniform draw hits the anchor's class 1 % of the time, on a 10-class set 10 %.
+Negatives are drawn as the paper's CIFAR-100 code draws them by default (`negatives=other_classes`:
+RepDistiller's `CIFAR100InstanceSample`, mode 'exact'): for each anchor, K distinct samples of the
+other classes (without replacement; the anchor's own class never). `negatives=uniform` draws them
+uniformly over the whole training set with replacement, the positive's class and the positive itself
+possible, which is what ContrastMemory does when it is given no indices (RepDistiller's ImageNet
+setting); on CIFAR-100 a uniform draw hits the anchor's class 1 % of the time, on a 10-class set 10 %.
 
 Under DDP each rank scores its own share of the batch; the bank update gathers every rank's rows
 first, so all ranks apply the same update and the banks stay identical (DDP would otherwise
@@ -47,6 +47,8 @@ from kdresearch.models import ModelOutputs
 
 # ContrastLoss's eps: keeps the ratios finite when a probability underflows to 0.
 NCE_EPS = 1e-7
+# How negatives are drawn (module docstring): the paper's CIFAR code, or uniform over the training set.
+NEGATIVE_DRAWS = ("other_classes", "uniform")
 
 
 def init_memory_bank(rows: int, feat_dim: int) -> torch.Tensor:
@@ -135,7 +137,7 @@ class ContrastiveRepresentationDistillation(TrainingLoss):
 
     def __init__(self, ce_weight: float = 1.0, kd_weight: float = 0.0, distill_weight: float = 0.8,
                  T: float = 4.0, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
-                 nce_mom: float = 0.5):
+                 nce_mom: float = 0.5, negatives: str = "other_classes"):
         super().__init__()
         self.ce_weight = number("loss.ce_weight", ce_weight)
         self.kd_weight = number("loss.kd_weight", kd_weight)
@@ -145,6 +147,7 @@ class ContrastiveRepresentationDistillation(TrainingLoss):
         self.nce_k = validators.integer("loss.nce_k", nce_k, at_least=1)
         self.nce_t = number("loss.nce_t", nce_t, positive=True)
         self.nce_mom = validators.number("loss.nce_mom", nce_mom, at_least=0, at_most=1)
+        self.negatives = validators.choice("loss.negatives", negatives, NEGATIVE_DRAWS)
         # The teacher's logits are read (and cached) only when the KD term is on.
         self.teacher_fields = ("embedding", "logits") if self.kd_weight > 0 else ("embedding",)
         self.train_size = 0
@@ -154,14 +157,16 @@ class ContrastiveRepresentationDistillation(TrainingLoss):
     def loss_name(self) -> str:
         return "crd"
 
-    def bind(self, student, teacher, *, train_size=0):
-        super().bind(student, teacher, train_size=train_size)
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
+        super().bind(student, teacher, train_size=train_size, train_labels=train_labels)
         if self.nce_k >= train_size:
             raise KDResearchError(
                 f"loss=crd: nce_k={self.nce_k} negatives per sample need a training set larger than "
                 f"{train_size} samples; set loss.nce_k below {train_size}, e.g. "
                 f"loss.nce_k={max(1, train_size // 4)}")
         self.train_size = train_size
+        if self.negatives == "other_classes":
+            self.register_buffer("train_labels", self._labels_for_class_negatives(train_labels), persistent=False)
         # Creation order as CRDLoss: student head, teacher head, student bank, teacher bank.
         self.embed_student = Embed(student.embedding_dim, self.feat_dim)
         self.embed_teacher = Embed(teacher.embedding_dim, self.feat_dim)
@@ -170,16 +175,39 @@ class ContrastiveRepresentationDistillation(TrainingLoss):
         # Z for [student anchors, teacher anchors]; negative until the first batch sets it.
         self.register_buffer("nce_z", torch.full((2,), -1.0))
 
-    def sample_negatives(self, batch_size: int) -> torch.Tensor:
-        """(batch_size, nce_k) training-set indices, uniform with replacement, from the global RNG of
-        the banks' device (captured by the trainer's checkpoint, so resume draws the same ones)."""
+    def _labels_for_class_negatives(self, train_labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """The training labels, checked to leave nce_k samples of other classes to every anchor."""
+        if train_labels is None or len(train_labels) != self.train_size:
+            raise KDResearchError("loss=crd: negatives=other_classes draws from the other classes, so bind() "
+                                  "needs the training labels (train_labels=, one per sample); or set "
+                                  "loss.negatives=uniform")
+        train_labels = torch.as_tensor(train_labels, dtype=torch.long)
+        fewest_others = self.train_size - int(torch.bincount(train_labels).max())
+        if self.nce_k > fewest_others:
+            raise KDResearchError(
+                f"loss=crd: nce_k={self.nce_k} negatives from the other classes need at least that many "
+                f"samples outside each class, and the largest class leaves {fewest_others}; set loss.nce_k "
+                f"at most {fewest_others} (e.g. loss.nce_k={max(1, fewest_others // 4)}) or loss.negatives=uniform")
+        return train_labels
+
+    def sample_negatives(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, nce_k) training-set indices of negatives for the anchors `index` (B,), drawn as
+        `negatives` says, from the global RNG of the banks' device (captured by the trainer's
+        checkpoint, so resume draws the same ones)."""
         device = self.memory_student.device
-        return torch.randint(0, self.train_size, (batch_size, self.nce_k), device=device)
+        if self.negatives == "uniform":
+            return torch.randint(0, self.train_size, (index.numel(), self.nce_k), device=device)
+        # K distinct samples of the other classes: the K largest of uniform keys, with the anchor's
+        # class keyed below every other (a uniformly random K-subset of the others).
+        anchor_labels = self.train_labels[index.to(self.train_labels.device, torch.long)]
+        keys = torch.rand(index.numel(), self.train_size, device=device)
+        keys.masked_fill_(self.train_labels[None, :].to(device) == anchor_labels[:, None].to(device), -1.0)
+        return keys.topk(self.nce_k, dim=1, sorted=False).indices
 
     def contrast(self, student_embedding: torch.Tensor, teacher_embedding: torch.Tensor,
                  index: torch.Tensor, negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The CRD term for one batch (`index`: the samples' rows in the banks), then the bank update.
-        `negatives` (B, nce_k) defaults to `sample_negatives(B)`."""
+        `negatives` (B, nce_k) defaults to `sample_negatives(index)`."""
         if self.embed_student is None:
             raise KDResearchError("loss=crd: call bind(student, teacher, train_size=...) before training")
         # Scored against copies: the update below changes the banks in place, and the backward pass
@@ -188,7 +216,7 @@ class ContrastiveRepresentationDistillation(TrainingLoss):
         bank_s, bank_t = self.memory_student.clone(), self.memory_teacher.clone()
         index = index.to(bank_s.device, torch.long)
         if negatives is None:
-            negatives = self.sample_negatives(index.numel())
+            negatives = self.sample_negatives(index)
         contrast_index = torch.cat([index[:, None], negatives.to(bank_s.device, torch.long)], dim=1)
         # exp(<., .> / 0.07) reaches e^14 ~ 1.6e6: scores, Z and the NCE ratios stay in float32 under
         # bf16 autocast (the heads are tiny, so they run in float32 too).

@@ -71,8 +71,8 @@ class FitNet(WeightedDistillation):
         self.student_stage = self.teacher_stage = None
         self.connector = None
 
-    def bind(self, student, teacher, *, train_size=0):
-        super().bind(student, teacher, train_size=train_size)
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
+        super().bind(student, teacher, train_size=train_size, train_labels=train_labels)
         s_count, t_count = len(student.stage_channels), len(teacher.stage_channels)
         s_index, t_index = resolve_stage(self.stage, s_count), resolve_stage(self.stage, t_count)
         if s_index is None or t_index is None:

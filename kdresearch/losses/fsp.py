@@ -76,8 +76,8 @@ class FlowOfSolutionProcedure(WeightedDistillation):
         super().__init__(ce_weight, distill_weight)
         self.init_epochs = validators.integer("loss.init_epochs", init_epochs, at_least=0)
 
-    def bind(self, student, teacher, *, train_size=0):
-        super().bind(student, teacher, train_size=train_size)
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
+        super().bind(student, teacher, train_size=train_size, train_labels=train_labels)
         s_channels, t_channels = tuple(student.stage_channels), tuple(teacher.stage_channels)
         if len(s_channels) < 2:
             raise pair_error("fsp", "FSP matrices need at least two stages", student, teacher)

@@ -78,13 +78,13 @@ class InterChannelCorrelation(WeightedDistillation):
         self.student_stage = self.teacher_stage = None
         self.embedding: Optional[ChannelEmbedding] = None
 
-    def bind(self, student, teacher, *, train_size=0):
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
         self.student_stage, self.teacher_stage = paired_stage("ickd", self.stage, student, teacher)
         # The teacher's logits are read (and cached) only when the KD term is on; set before the
         # base check, which compares the class counts when logits are read.
         logits = ("logits",) if self.kd_weight > 0 else ()
         self.teacher_fields = (stage_field(self.teacher_stage), *logits)
-        super().bind(student, teacher, train_size=train_size)
+        super().bind(student, teacher, train_size=train_size, train_labels=train_labels)
         self.embedding = ChannelEmbedding(student.stage_channels[self.student_stage],
                                           teacher.stage_channels[self.teacher_stage])
 

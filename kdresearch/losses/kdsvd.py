@@ -123,8 +123,8 @@ class KDSVD(WeightedDistillation):
         self.k = validators.integer("loss.k", k, at_least=1, note="the teacher's singular vectors per stage")
         self.pairs = None
 
-    def bind(self, student, teacher, *, train_size=0):
-        super().bind(student, teacher, train_size=train_size)
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
+        super().bind(student, teacher, train_size=train_size, train_labels=train_labels)
         pairs = min(len(student.stage_channels), len(teacher.stage_channels))
         if pairs < 2:
             raise pair_error("kdsvd", "KD-SVD relates consecutive stages and needs two stages in each model",

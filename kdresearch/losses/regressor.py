@@ -26,7 +26,7 @@ class RegressorMSE(WeightedDistillation):
         super().__init__(ce_weight, distill_weight)
         self.regressor = None
 
-    def bind(self, student, teacher, *, train_size=0):
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
         s_size, t_size = student.stage_sizes[-1], teacher.stage_sizes[-1]
         if s_size != t_size:
             raise pair_error("regressor", f"the last feature maps differ in size ({s_size}x{s_size} vs "

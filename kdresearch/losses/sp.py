@@ -55,8 +55,8 @@ class SimilarityPreserving(WeightedDistillation):
         self.stage = validators.integer("loss.stage", stage, note="a stage index")
         self.student_stage = self.teacher_stage = None
 
-    def bind(self, student, teacher, *, train_size=0):
-        super().bind(student, teacher, train_size=train_size)
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
+        super().bind(student, teacher, train_size=train_size, train_labels=train_labels)
         self.student_stage, self.teacher_stage = paired_stage("sp", self.stage, student, teacher)
         self.teacher_fields = (stage_field(self.teacher_stage),)
 

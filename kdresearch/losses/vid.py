@@ -88,8 +88,8 @@ class VID(WeightedDistillation):
         self.regressors = nn.ModuleList()
         self.alphas = nn.ParameterList()
 
-    def bind(self, student, teacher, *, train_size=0):
-        super().bind(student, teacher, train_size=train_size)
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
+        super().bind(student, teacher, train_size=train_size, train_labels=train_labels)
         pairs = min(len(student.stage_channels), len(teacher.stage_channels))
         if pairs == 0:
             raise pair_error("vid", "VID needs at least one stage in each model", student, teacher)

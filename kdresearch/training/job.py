@@ -177,7 +177,7 @@ def bind_pair(cfg: DictConfig, data: Dataset) -> Pair:
     if loss_fn.needs_teacher:
         with torch.random.fork_rng(devices=[]):
             teacher = build(cfg.teacher.model, "teacher.model")
-    loss_fn.bind(student, teacher, train_size=data.train_size)
+    loss_fn.bind(student, teacher, train_size=data.train_size, train_labels=data.train_labels)
     return Pair(student, loss_fn, teacher)
 
 
