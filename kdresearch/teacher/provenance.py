@@ -1,7 +1,8 @@
 """Which teacher a student learned from, recorded so a reader can check it: the digest of its
-weights, where they came from (an MLflow run; a file and the file's sha256; torchvision's weights
-by name), the accuracy the source claims and the accuracy the teacher measures on this job's test
-split before distillation starts.
+weights, where they came from (an MLflow run; a file and the file's sha256; a bundle, checked
+against its SHA256SUMS, and the run it was exported from; torchvision's weights by name), the
+accuracy the source claims and the accuracy the teacher measures on this job's test split before
+distillation starts.
 
 A teacher that measures more than `teacher.accuracy_margin` points below its claim (a file from
 elsewhere evaluated with other preprocessing, the wrong class order, a damaged download) is named
@@ -40,6 +41,7 @@ class TeacherSource:
     run_id: Optional[str]  # the MLflow run that trained them, when known
     file: Optional[str] = None  # the weights file's absolute path, for a teacher loaded from a file
     file_sha256: Optional[str] = None
+    bundle: Optional[str] = None  # the bundle folder (kdresearch.sharing) holding that file, when it is one
     weights: Optional[str] = None  # torchvision's weights name (teacher.weights)
     claimed_acc: Optional[float] = None
 
@@ -72,7 +74,8 @@ def provenance_tags(source: TeacherSource, digest: str, measured_acc: float) -> 
     """The student run's tags naming its teacher (kdresearch.tracking.names)."""
     tags = {names.TEACHER_DIGEST: digest, names.TEACHER_TEST_ACC: f"{measured_acc:.2f}"}
     for key, value in ((names.TEACHER_RUN_ID, source.run_id), (names.TEACHER_FILE, source.file),
-                       (names.TEACHER_FILE_SHA256, source.file_sha256), (names.TEACHER_WEIGHTS, source.weights),
+                       (names.TEACHER_FILE_SHA256, source.file_sha256), (names.TEACHER_BUNDLE, source.bundle),
+                       (names.TEACHER_WEIGHTS, source.weights),
                        (names.TEACHER_CLAIMED_ACC, source.claimed_acc)):
         if value is not None:
             tags[key] = f"{value:.2f}" if isinstance(value, float) else str(value)

@@ -93,6 +93,7 @@ def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, t
         log.info("teacher: loaded from %s%s", source.description, f" (run {source.run_id})" if source.run_id else "")
         found.file = source.label  # the file read, also when `file` names a job folder
         found.file_sha256 = file_digest(Path(source.label))
+        found.bundle = source.bundle  # a bundle's weights file: its folder, checked against SHA256SUMS
         found.weights = str(cfg.teacher.weights) if cfg.teacher.get("weights") else None
         return found
 

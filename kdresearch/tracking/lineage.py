@@ -19,11 +19,13 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from kdresearch.layout import PROJECT_ROOT
 
 VERSIONED_PACKAGES = ("torch", "torchvision", "hydra-core", "mlflow", "kdresearch")
+# The keys `lineage_tags` writes, by prefix (mlflow.user is a whole key).
+LINEAGE_TAG_PREFIXES = ("mlflow.source.", "mlflow.user", "host.", "version.", "git.")
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,11 @@ def lineage_tags() -> dict[str, str]:
         if git.remote:
             tags["mlflow.source.git.repoURL"] = git.remote
     return tags
+
+
+def recorded_lineage(tags: Mapping[str, str]) -> dict[str, str]:
+    """The lineage tags among a run's `tags` (those `lineage_tags` wrote), sorted by key."""
+    return {key: tags[key] for key in sorted(tags) if key.startswith(LINEAGE_TAG_PREFIXES)}
 
 
 def _user() -> str:

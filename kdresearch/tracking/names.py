@@ -20,14 +20,19 @@ OVERRIDES = "overrides"
 TEACHER_RUN_ID = "teacher_run_id"
 TEACHER_CACHE = "teacher_cache"
 # A student's teacher (kdresearch.teacher.provenance): its weights' digest, the file they came
-# from and its sha256, torchvision's weights name, the accuracy its source claims and the one it
-# measures on the student's test split.
+# from and its sha256, the bundle that file lies in (kdresearch.sharing; the run it was exported
+# from is then TEACHER_RUN_ID), torchvision's weights name, the accuracy its source claims and the
+# one it measures on the student's test split.
 TEACHER_DIGEST = "teacher_digest"
 TEACHER_FILE = "teacher_file"
 TEACHER_FILE_SHA256 = "teacher_file_sha256"
+TEACHER_BUNDLE = "teacher_bundle"
 TEACHER_WEIGHTS = "teacher_weights"
 TEACHER_CLAIMED_ACC = "teacher_claimed_acc"
 TEACHER_TEST_ACC = "teacher_test_acc"
+# Every tag that says where a student's teacher came from (what an export copies as its provenance).
+TEACHER_PROVENANCE = (TEACHER_RUN_ID, TEACHER_DIGEST, TEACHER_FILE, TEACHER_FILE_SHA256, TEACHER_BUNDLE,
+                      TEACHER_WEIGHTS, TEACHER_CLAIMED_ACC, TEACHER_TEST_ACC, TEACHER_CACHE)
 SWEEP = "sweep"  # the multirun folder a job belongs to
 SWEEP_DIR = "sweep_dir"  # the folder of a group run (sweep, reproduction, benchmark)
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own: the UI nests children under their parent

@@ -5,9 +5,13 @@ Weights come from
 - an MLflow run: its artifact `checkpoints/final.pt` (layout.FINAL_CHECKPOINT);
 - a job folder: its `checkpoints/final.pt`, else its newest complete epoch checkpoint (the one
   `resume=` continues from too);
+- a bundle (kdresearch.sharing.bundle, what scripts/export.py writes): its `weights.safetensors`,
+  read only after every digest in its SHA256SUMS matched;
 - a checkpoint file: one of ours, a benchmark suite's (RepDistiller, mdistiller: the weights under
-  `model`, `net` or `state_dict`) or a bare state_dict (`checkpoint.model_state`).
-Every file is read by `checkpoint.load_checkpoint`, with `weights_only=True`. `load_weights` puts
+  `model`, `net` or `state_dict`) or a bare state_dict (`checkpoint.model_state`); or a
+  `.safetensors` file (checked against its bundle's SHA256SUMS when it lies in one).
+Every torch file is read by `checkpoint.load_checkpoint`, with `weights_only=True`; safetensors
+files hold tensors and text only, so reading them runs no code either. `load_weights` puts
 the weights into a model or says in one line why they do not fit it: another architecture,
 another number of classes, missing or unexpected keys and the first shape mismatch, or weights
 that are not finite.
@@ -15,6 +19,7 @@ that are not finite.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -27,11 +32,14 @@ from torch import nn
 from kdresearch.errors import KDResearchError, first_line
 from kdresearch.layout import CHECKPOINT_DIR, EPOCH_CHECKPOINTS, FINAL_CHECKPOINT, JobFolder
 from kdresearch.models import model_name
+from kdresearch.sharing import bundle
+from kdresearch.teacher.provenance import OUR_CLAIM
 from kdresearch.training.checkpoint import load_checkpoint, model_state
 
 log = logging.getLogger(__name__)
 
 SHOWN_KEYS = 3  # key names a fit error lists of each kind (missing, unexpected), besides the count
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 @dataclass
@@ -42,6 +50,7 @@ class CheckpointSource:
     description: str  # for messages: "checkpoint <file>", "MLflow run <id>" (or the caller's word for it)
     label: str  # what records name it by: the file's absolute path, or runs:/<id>/checkpoints/final.pt
     run_id: Optional[str]  # the MLflow run that wrote it: the run given, or the one a file of ours records
+    bundle: Optional[str] = None  # the bundle folder it was read from (absolute), for a bundle's weights
 
     @property
     def epoch(self) -> int:
@@ -51,13 +60,75 @@ class CheckpointSource:
 
 
 def from_path(path: Path, what: str = "checkpoint") -> CheckpointSource:
-    """The checkpoint file `path`, or the one of the job folder `path` (its final checkpoint, else
-    its newest epoch checkpoint that reads). `what` names it in messages ("teacher checkpoint")."""
+    """The checkpoint file `path`, the weights of the bundle `path`, or the checkpoint of the job
+    folder `path` (its final checkpoint, else its newest epoch checkpoint that reads). `what` names
+    it in messages ("teacher checkpoint")."""
     path = Path(path).expanduser()
-    file, checkpoint = _folder_checkpoint(path) if path.is_dir() else (path, load_checkpoint(path))
+    if path.name == bundle.WEIGHTS_FILE and bundle.is_bundle(path.parent):
+        path = path.parent  # a bundle's weights file is checked as its bundle is
+    if path.is_dir() and bundle.is_bundle(path):
+        return from_bundle(path, what)
+    if path.is_dir():
+        file, checkpoint = _folder_checkpoint(path)
+    else:
+        file, checkpoint = path, (safetensors_checkpoint(path) if path.suffix == SAFETENSORS_SUFFIX
+                                  else load_checkpoint(path))
     recorded = checkpoint.get("run_id")
     return CheckpointSource(checkpoint, f"{what} {file}", str(file.resolve()),
                             recorded if isinstance(recorded, str) else None)
+
+
+def from_bundle(folder: Path, what: str = "checkpoint") -> CheckpointSource:
+    """The weights of a bundle (kdresearch.sharing.bundle) and its config, read only once every file
+    its SHA256SUMS lists matches its digest; the run it was exported from is the source's `run_id`."""
+    folder = Path(folder).resolve()
+    described = f"{what} bundle {folder}"
+    listed = bundle.verify_manifest(folder, described)
+    file = folder / bundle.WEIGHTS_FILE
+    checkpoint = safetensors_checkpoint(file)
+    if bundle.CONFIG_FILE in listed:  # the training config, checked too: what evaluate.py builds the model from
+        checkpoint["config"] = (folder / bundle.CONFIG_FILE).read_text(encoding="utf-8")
+    recorded = checkpoint.get("run_id")
+    return CheckpointSource(checkpoint, described, str(file),
+                            recorded if isinstance(recorded, str) else None, bundle=str(folder))
+
+
+def safetensors_checkpoint(file: Path) -> dict:
+    """A safetensors file as a checkpoint dict: its tensors under `model`, and what a bundle's header
+    states (bundle.META_KEY: architecture, classes, run, epoch, test accuracy) under the keys our
+    checkpoints use, so the fit checks and the teacher's claimed accuracy read it alike."""
+    from safetensors import SafetensorError, safe_open
+
+    file = Path(file)
+    if not file.is_file():
+        raise KDResearchError(f"checkpoint {file} does not exist")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise KDResearchError(f"checkpoint {file} is truncated or corrupt ({first_line(error)})") from None
+    checkpoint: dict = {"model": state}
+    if bundle.META_KEY in metadata:
+        facts = _header_facts(metadata[bundle.META_KEY], file)
+        for key, kind in ((bundle.META_MODEL_CLASS, str), (bundle.META_RUN_ID, str),
+                          (bundle.META_NUM_CLASSES, int), (bundle.META_EPOCH, int)):
+            if isinstance(facts.get(key), kind) and not isinstance(facts[key], bool):
+                checkpoint[key] = facts[key]
+        claim = facts.get(bundle.META_TEST_ACC)
+        if isinstance(claim, (int, float)) and not isinstance(claim, bool):
+            checkpoint["metrics"] = {OUR_CLAIM: float(claim)}
+    return checkpoint
+
+
+def _header_facts(text: str, file: Path) -> dict:
+    try:
+        facts = json.loads(text)
+    except ValueError:
+        facts = None
+    if not isinstance(facts, dict):
+        raise KDResearchError(f"checkpoint {file}: its header's {bundle.META_KEY} entry is not a JSON object")
+    return facts
 
 
 def _folder_checkpoint(folder: Path) -> tuple[Path, dict]:
