@@ -186,3 +186,19 @@ def test_keep_freed_memory_applies_on_glibc_and_is_on_by_default():
     assert compose_config().device.keep_freed_memory is True
     assert devices.keep_freed_memory(True) is True
     assert devices.keep_freed_memory(False) is False
+
+
+@pytest.mark.parametrize("preset, beta", [
+    ("cifar100_res32x4_res8x4", 8.0), ("cifar100_res32x4_shuv1", 8.0), ("cifar100_res56_res20", 2.0),
+    ("cifar100_vgg13_vgg8", 6.0), ("cifar100_wrn40_2_wrn16_2", 6.0),
+])
+def test_pair_presets_carry_the_authors_dkd_beta(preset, beta):
+    """mdistiller configs/cifar100/dkd/<pair>.yaml: DKD.BETA 2 / 6 / 6 where the pair changes it, else 8;
+    the bound loss gets it, a typed loss.beta still wins, and other losses compose unchanged."""
+    cfg = compose_config(f"experiment={preset}", "loss=dkd")
+    assert build_loss(cfg.loss).beta == beta
+    assert build_loss(compose_config(f"experiment={preset}", "loss=dkd", "loss.beta=3").loss).beta == 3
+    assert compose_config(f"experiment={preset}", "loss=kd").loss.name == "kd"
+    assert build_loss(compose_config("loss=dkd").loss).beta == 8.0  # without a preset: the default
+    combined = compose_config(f"experiment={preset}", "loss=kd", "+loss@loss.dkd=dkd")
+    assert build_loss(combined.loss).terms["dkd"].beta == beta
