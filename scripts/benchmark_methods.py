@@ -26,6 +26,7 @@ from pathlib import Path
 
 from kdresearch.errors import KDResearchError
 from kdresearch.pipelines.method_benchmark import FOOTNOTE, PUBLISHED, benchmark
+from kdresearch.pipelines.published_figures import PUBLISHED_COLUMNS
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -48,8 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="folder of job outputs and benchmark.md, also the runs' sweep "
                                                  "tag (default: outputs/benchmark/<date>_<time>)")
     parser.add_argument("--published", type=Path, default=PUBLISHED,
-                        help="CSV of published figures (pair,method,top1,source), checked before the first job; "
-                             "'none' for none")
+                        help=f"CSV of published figures ({','.join(PUBLISHED_COLUMNS)}; the first row of a pair "
+                             "and method is the one compared with), checked before the first job; 'none' for none")
     parser.add_argument("--dry-run", action="store_true", help="print the training commands and stop")
     own, overrides = split_argv(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(own)

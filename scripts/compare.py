@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             "when the baseline has a run of every seed of the row, else Welch's unpaired test; 'Δ vs KD' the "
             "same to the student trained with KD. Fewer than 3 seeds are marked. A student whose "
             "first_layer_norm at step 0 differs from the baseline's is marked UNFAIR (it did not start from "
-            "the same weights)."
+            "the same weights). When the students' rows differ in budget (epochs, steps, images seen, views per "
+            "image: the runs' budget/* metrics), a note under the table says which rows have which."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -12,6 +12,8 @@ from conftest import mlflow_client, tracking_uri, train_command_in_process
 import kdresearch.pipelines.method_benchmark as method_benchmark
 from kdresearch.errors import KDResearchError
 from kdresearch.pipelines import jobs as jobs_module
+from kdresearch.pipelines.published_figures import PublishedFigure
+from kdresearch.reports import html_report
 from kdresearch.tracking.store import metric_history
 
 PAIR = "cifar100_res56_res20"
@@ -57,7 +59,7 @@ def test_benchmark_table_holds_mlflow_numbers(tmp_path, monkeypatch):
     assert table.cells[("teacher", PAIR)].last.n == 2
     # Published figures from the cited file, with our difference.
     kd = table.cells[("kd", PAIR)]
-    assert kd.published == 70.66 and kd.source == "repdistiller"
+    assert kd.published == PublishedFigure(70.66, "repdistiller", epochs=240, views=1)
     assert f"pub. 70.66, {kd.last.mean - 70.66:+.2f}" in table.markdown()
     assert Path(result.markdown_path).read_text().count(f"| method | {PAIR} |") == 1
     # Two seeds per method: counted and marked; each method's difference to the student alone, paired by seed.
@@ -73,3 +75,13 @@ def test_benchmark_table_holds_mlflow_numbers(tmp_path, monkeypatch):
     assert children == {run_id for job in result.jobs for run_id in job.run_ids}
     assert [Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "benchmark")] == ["benchmark.md"]
     assert f"| {PAIR} |" in parent.data.tags["mlflow.note.content"]
+    # Its headline metrics: the best method's cell (no validation split: chosen on test/acc; the
+    # teachers are no candidates), and the report of the benchmark, given by its folder.
+    best = max(("ce", "kd", "dkd"), key=lambda method: table.cells[(method, PAIR)].last.mean)
+    assert parent.data.metrics["headline/test_acc"] == pytest.approx(table.cells[(best, PAIR)].last.mean)
+    assert parent.data.metrics["headline/seeds"] == 2 and parent.data.tags["headline.chosen_by"] == "test/acc"
+    written = html_report.report(str(tmp_path / "bench"), out=tmp_path / "report")
+    page = written.path.read_text()
+    assert html_report.html_table(*table.grids()[0], "benchmark-0") in page
+    assert html_report.html_table(*table.grids()[1], "benchmark-1") in page
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "report")] == ["report/report.html"]

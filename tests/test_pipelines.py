@@ -33,41 +33,14 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import benchmark_methods  # noqa: E402  (the script's entry point)
 
 PAIR = "cifar100_res56_res20"
-HEADER = "pair,method,top1,source\n"
+HEADER = "pair,method,top1,source,epochs,views\n"
 
 
-# --- the file of published figures ----------------------------------------------------------------
-
-@pytest.mark.parametrize("content, problem", [
-    ("a,b\n1,2\n", "its header line has no column pair, method, top1, source"),
-    ("pair,method,top1\nx,kd,70\n", "its header line has no column source"),
-    (f"# a comment\n{HEADER}{PAIR},kd,abc,somewhere\n", "line 3: top1 'abc' is not a number"),
-    (f"{HEADER}\n{PAIR},kd,70.1\n", "line 3 has 3 fields, the header 4"),
-    ("# only a comment\n", "no header line"),
-    (b"\xff\xfe\x00pair", "cannot be read as a text file"),
-])
-def test_published_file_problems_are_one_line_naming_the_file(tmp_path, content, problem):
-    path = tmp_path / "bad.csv"
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(KDResearchError) as raised:
-        method_benchmark.read_published(path)
-    message = str(raised.value)
-    assert message.startswith(f"published figures {path}: ") and problem in message and "\n" not in message
-
-
-def test_published_file_missing_or_a_folder(tmp_path):
-    with pytest.raises(KDResearchError, match=f"published figures {tmp_path / 'nope.csv'}: no such file"):
-        method_benchmark.read_published(tmp_path / "nope.csv")
-    with pytest.raises(KDResearchError, match="is not a file"):
-        method_benchmark.read_published(tmp_path)
-    good = tmp_path / "good.csv"
-    good.write_text(f"# cited\n{HEADER}{PAIR},kd,70.66,repdistiller\n")
-    assert method_benchmark.read_published(good) == {("kd", PAIR): (70.66, "repdistiller")}
-
+# --- the file of published figures (its format: tests/test_published_figures.py) ------------------
 
 @pytest.mark.parametrize("published", ["bad.csv", "missing.csv"])
 def test_bad_published_file_stops_the_benchmark_before_any_job(tmp_path, monkeypatch, capsys, published):
-    (tmp_path / "bad.csv").write_text(f"{HEADER}{PAIR},kd,n/a,x\n")
+    (tmp_path / "bad.csv").write_text(f"{HEADER}{PAIR},kd,n/a,x,240,1\n")
 
     def no_job(command):
         raise AssertionError(f"a job ran: {command}")

@@ -234,6 +234,10 @@ def test_basic_sweep_is_one_parent_run(tmp_path):
     assert parent.data.params["overrides"].endswith("seed=1,2") and parent.data.params["sweep.seed"] == "1,2"
     assert parent.data.tags["launcher"] == "BasicLauncher"
     assert (sweep_folders(tmp_path)[0] / "mlflow_parent_run.json").is_file()
+    # The parent carries its table's headline (one configuration, two seeds): the mean final test/acc.
+    final_acc = [client.get_metric_history(run.info.run_id, "test/acc")[-1].value for run in by_role(runs, "student")]
+    assert len(final_acc) == 2 and parent.data.metrics["headline/seeds"] == 2
+    assert math.isclose(parent.data.metrics["headline/test_acc"], sum(final_acc) / 2, rel_tol=1e-9)
 
 
 @pytest.mark.slow  # a second `python train.py -m` process; test_basic_sweep_is_one_parent_run is the default run's

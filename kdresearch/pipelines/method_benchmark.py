@@ -7,18 +7,17 @@ preset's teacher recipe and every later job reuses it (automatic teacher, kdrese
 so each teacher is trained once per seed. The table has the field's layout: rows are methods,
 columns are pairs, cells are mean ± std over seeds of the last-epoch test accuracy and of the
 test accuracy at the epoch chosen on validation (with `data.val_size=N`), the number of seeds,
-and, from a small cited file of published figures (kdresearch/pipelines/published_cifar100.csv), the
-published value and our difference to it. A second table holds each method's difference to the
-student alone and to KD, with its 95 % interval and p-value, paired by seed
-(kdresearch.reports.statistics). The file of published figures is read and checked before the
-first job. The jobs' runs are tagged `sweep=<the benchmark's folder>` and are the child runs of
-one parent run (kdresearch.sweeps.parent_runs, tag role=benchmark) that holds the tables
-(artifact benchmark/benchmark.md, and its description in the MLflow UI).
+and, from a small cited file of published figures (kdresearch/pipelines/published_cifar100.csv, read
+by kdresearch.pipelines.published_figures), the published value and our difference to it. A second
+table holds each method's difference to the student alone and to KD, with its 95 % interval and
+p-value, paired by seed (kdresearch.reports.statistics). The file of published figures is read and
+checked before the first job. The jobs' runs are tagged `sweep=<the benchmark's folder>` and are
+the child runs of one parent run (kdresearch.sweeps.parent_runs, tag role=benchmark) that holds the
+tables (artifact benchmark/benchmark.md, and its description in the MLflow UI).
 """
 
 from __future__ import annotations
 
-import csv
 import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Optional, Sequence
 from kdresearch.errors import KDResearchError
 from kdresearch.layout import CONF_DIR
 from kdresearch.pipelines.jobs import PlannedJob, run_jobs, tracker_for
+from kdresearch.pipelines.published_figures import PUBLISHED, PublishedFigure, read_published
 from kdresearch.reports.compare import Stat
 from kdresearch.reports.statistics import FOOTNOTE as STATISTICS_FOOTNOTE
 from kdresearch.reports.statistics import Difference, seed_count, seed_difference
@@ -40,7 +40,6 @@ from kdresearch.sweeps.parent_runs import (
 from kdresearch.tracking import names
 from kdresearch.tracking.store import metric_history
 
-PUBLISHED = Path(__file__).with_name("published_cifar100.csv")
 STUDENT_ALONE = "ce"
 KD = "kd"  # the method every other one is also compared with
 TEACHER = "teacher"
@@ -75,8 +74,7 @@ def plan(pairs: Sequence[str], methods: Sequence[str], seeds: Sequence[int], ove
 class Cell:
     last: Stat
     at_best_val: Stat
-    published: Optional[float] = None
-    source: str = ""
+    published: Optional[PublishedFigure] = None  # the figure compared with (kdresearch.pipelines.published_figures)
     vs_student: Optional[Difference] = None  # last-epoch test/acc minus the student alone's
     vs_kd: Optional[Difference] = None  # last-epoch test/acc minus KD's
 
@@ -85,8 +83,10 @@ class Cell:
         if self.at_best_val.mean is not None:
             text += f" / {self.at_best_val.format(2)}"
         if self.published is not None:
-            difference = "" if self.last.mean is None else f", {self.last.mean - self.published:+.2f}"
-            text += f" (pub. {self.published:.2f}{difference})"
+            recipe = self.published.recipe_note()
+            recipe = f" [{recipe}]" if recipe else ""
+            difference = "" if self.last.mean is None else f", {self.last.mean - self.published.top1:+.2f}"
+            text += f" (pub. {self.published.top1:.2f}{recipe}{difference})"
         return f"{text} ({seed_count(self.last.n)})"
 
 
@@ -96,17 +96,24 @@ class Table:
     methods: list[str]
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
 
+    def grids(self) -> list[tuple[list[str], list[list[str]]]]:
+        """The tables as text, each as (column titles, one list of cells per row): the accuracy
+        table, then the table of differences (when some method has one)."""
+        accuracy = [[method, *(self.cells[(method, pair)].format() if (method, pair) in self.cells else "—"
+                               for pair in self.pairs)] for method in self.methods]
+        grids = [(["method", *self.pairs], accuracy)]
+        differences = [[label, *cells] for label, cells in self._differences()]
+        if differences:
+            grids.append((["Δ last-epoch test/acc, 95 % CI, p", *self.pairs], differences))
+        return grids
+
     def markdown(self) -> str:
         """The accuracy table, then the table of differences (when some method has one)."""
-        lines = ["| method | " + " | ".join(self.pairs) + " |", "|---|" + "---|" * len(self.pairs)]
-        for method in self.methods:
-            row = [self.cells[(method, pair)].format() if (method, pair) in self.cells else "—" for pair in self.pairs]
-            lines.append(f"| {method} | " + " | ".join(row) + " |")
-        differences = [f"| {label} | " + " | ".join(cells) + " |" for label, cells in self._differences()]
-        if differences:
-            lines += ["", "| Δ last-epoch test/acc, 95 % CI, p | " + " | ".join(self.pairs) + " |",
-                      "|---|" + "---|" * len(self.pairs), *differences]
-        return "\n".join(lines) + "\n"
+        tables = []
+        for titles, rows in self.grids():
+            lines = ["| " + " | ".join(titles) + " |", "|---|" + "---|" * (len(titles) - 1)]
+            tables.append("\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]))
+        return "\n\n".join(tables) + "\n"
 
     def _differences(self) -> list[tuple[str, list[str]]]:
         """(`method − reference`, a cell per pair) for each method and reference it has a difference to."""
@@ -119,43 +126,6 @@ class Table:
                         "—" if difference is None else f"{difference.format(2)}, p {difference.format_p()}"
                         for difference in found]))
         return lines
-
-
-PUBLISHED_COLUMNS = ("pair", "method", "top1", "source")
-
-
-def read_published(path: Path = PUBLISHED) -> dict[tuple[str, str], tuple[float, str]]:
-    """{(method, pair): (top-1 %, source)} from the cited CSV (lines starting with # are comments).
-    A file that is missing, unreadable, lacks a column or holds a row that does not fit is refused
-    in one line naming the file and the line."""
-    where = f"published figures {path}"
-    if not path.is_file():
-        raise KDResearchError(f"{where}: {'is not a file' if path.exists() else 'no such file'}")
-    try:
-        with path.open(newline="") as handle:
-            rows = [(number, next(csv.reader([line]))) for number, line in enumerate(handle, start=1)
-                    if line.strip() and not line.startswith("#")]
-    except (OSError, UnicodeDecodeError) as error:
-        raise KDResearchError(f"{where}: cannot be read as a text file ({error})") from None
-    except csv.Error as error:
-        raise KDResearchError(f"{where}: not a valid CSV file ({error})") from None
-    if not rows:
-        raise KDResearchError(f"{where}: no header line (it needs the columns {', '.join(PUBLISHED_COLUMNS)})")
-    header = [name.strip() for name in rows[0][1]]
-    missing = [column for column in PUBLISHED_COLUMNS if column not in header]
-    if missing:
-        raise KDResearchError(f"{where}: its header line has no column {', '.join(missing)} "
-                              f"(it needs {', '.join(PUBLISHED_COLUMNS)})")
-    figures = {}
-    for number, fields in rows[1:]:
-        if len(fields) < len(header):
-            raise KDResearchError(f"{where}: line {number} has {len(fields)} fields, the header {len(header)}")
-        row = dict(zip(header, fields))
-        try:
-            figures[(row["method"], row["pair"])] = (float(row["top1"]), row["source"])
-        except ValueError:
-            raise KDResearchError(f"{where}: line {number}: top1 {row['top1']!r} is not a number") from None
-    return figures
 
 
 def _accuracies(client, run_id: str) -> tuple[Optional[float], Optional[float]]:
@@ -172,7 +142,7 @@ def _lasts(accs: Sequence[tuple[int, Optional[float], Optional[float]]]) -> list
 
 
 def build_table(client, jobs: Sequence[PlannedJob], pairs: Sequence[str], methods: Sequence[str],
-                published: dict) -> Table:
+                published: dict[tuple[str, str], PublishedFigure]) -> Table:
     """The table of the jobs' runs as MLflow holds them; each method's differences to the student
     alone and to KD of the same pair, paired by seed."""
     rows = [TEACHER, STUDENT_ALONE, *[m for m in methods if m != STUDENT_ALONE]]
@@ -188,15 +158,34 @@ def build_table(client, jobs: Sequence[PlannedJob], pairs: Sequence[str], method
         values.setdefault((TEACHER, pair), []).append((seed, *_accuracies(client, teacher_run_id)))
     table = Table(list(pairs), rows)
     for (method, pair), accs in values.items():
-        cited = published.get((method, pair))
         cell = Cell(Stat.of(last for _, last, _ in accs), Stat.of(best for _, _, best in accs),
-                    *(cited if cited else (None, "")))
+                    published.get((method, pair)))
         if method not in (TEACHER, STUDENT_ALONE):
             cell.vs_student = seed_difference(_lasts(accs), _lasts(values.get((STUDENT_ALONE, pair), [])))
             if method != KD:
                 cell.vs_kd = seed_difference(_lasts(accs), _lasts(values.get((KD, pair), [])))
         table.cells[(method, pair)] = cell
     return table
+
+
+def jobs_of_parent(parent, runs: Sequence) -> list[PlannedJob]:
+    """The jobs a finished benchmark planned, rebuilt from its parent run (params pairs, methods,
+    seeds; tag sweep_dir), each with the newest of `runs` (its child runs, newest first) that ran in
+    its job folder; jobs without such a run are left out. Folders are matched by their last two
+    parts (<pair>/<method>-seed<seed>): the benchmark may have run from another folder."""
+    params, tags = parent.data.params, parent.data.tags
+    split = [method.strip() for method in params.get("methods", "").split(", ") if method.strip()]
+    jobs = plan(params.get("pairs", "").split(), split, [int(seed) for seed in params.get("seeds", "").split()], [],
+                tags.get(names.SWEEP_DIR, "benchmark"))
+    newest: dict[tuple[str, ...], str] = {}
+    for run in runs:
+        folder = run.data.tags.get(names.OUTPUT_DIR)
+        if folder:
+            newest.setdefault(Path(folder).parts[-2:], run.info.run_id)
+    for job in jobs:
+        run_id = newest.get(Path(job.folder).parts[-2:])
+        job.run_ids = [run_id] if run_id else []
+    return [job for job in jobs if job.run_ids]
 
 
 @dataclass
@@ -209,8 +198,9 @@ class Benchmark:
 
 
 FOOTNOTE = ("Cells: last-epoch test accuracy (%), mean ± sample std over seeds; after ' / ': the test accuracy of "
-            "the epoch chosen on validation (data.val_size > 0); pub.: the published figure (240-epoch CIFAR-100 "
-            "recipe; sources in kdresearch/pipelines/published_cifar100.csv) and our difference to it; n: seeds "
+            "the epoch chosen on validation (data.val_size > 0); pub.: the published figure (CIFAR-100, 240 epochs "
+            "unless [N epochs] says otherwise, [2 views]: two augmented views of each image per step; sources in "
+            "kdresearch/pipelines/published_cifar100.csv) and our difference to it; n: seeds "
             "(marked below 3). Teacher row: the teachers the students used, one per seed. Second table: each "
             "method's last-epoch test accuracy minus the student alone's (− ce) and KD's (− kd). "
             f"{STATISTICS_FOOTNOTE}.")

@@ -17,6 +17,12 @@ table (Markdown, CSV) and a figure (PNG), and log all three as artifacts of a su
   the first conv's weight. A student whose step-0 `first_layer_norm` differs from the baseline
   run's of the same seed (or from the baseline's at all, when it has no run of that seed) is
   flagged as an unfair comparison.
+- Budgets: when the compared methods' rows (the students'; a teacher follows its own recipe) were
+  trained for different budgets (kdresearch.training.budget.TRAINING_BUDGET: epochs, optimizer
+  steps, images seen, views per image), a note under the table names the keys and which rows
+  have which value (`budget_note`); the CSV lists the keys in column `budget_differs`.
+- Headline: the table's best configuration (`headline`), whose numbers a group's parent run
+  carries as its own metrics (kdresearch.sweeps.parent_runs.log_headline).
 
 Params, tags and each metric's latest value come with the MLflow runs (`select_runs`); per-epoch
 histories (`metric_history`) are read only for the runs the table shows. Nothing here trains.
@@ -34,10 +40,12 @@ from typing import Iterable, Mapping, Optional, Sequence
 from kdresearch.config.identity import training_identity
 from kdresearch.errors import KDResearchError
 from kdresearch.reports.statistics import FOOTNOTE as STATISTICS_FOOTNOTE
-from kdresearch.reports.statistics import Difference, seed_count, seed_difference
+from kdresearch.reports.statistics import Difference, mean_interval, seed_count, seed_difference
 from kdresearch.tracking import names
 from kdresearch.tracking.run import TrackedRun
 from kdresearch.tracking.store import Tracker, metric_history
+from kdresearch.training.budget import PREFIX as BUDGET_PREFIX
+from kdresearch.training.budget import TRAINING_BUDGET
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,10 @@ class RunRecord:
         values = self._values(key)
         return values[-1][1] if values else self.metrics.get(key)
 
+    def value(self, key: str) -> Optional[float]:
+        """Metric `key` at the run's last step (None when the run does not log it)."""
+        return self._last(key)
+
     @property
     def init_norm(self) -> Optional[float]:
         return next((value for step, value in self._values("first_layer_norm") if step == 0), None)
@@ -96,6 +108,11 @@ class RunRecord:
         """The maximum test/acc over epochs: an epoch selected on the test set (optimistic)."""
         values = self._values("test/acc")
         return max(value for _, value in values) if values else None
+
+    @property
+    def best_val_acc(self) -> Optional[float]:
+        """The best val/acc over epochs (data.val_size > 0), as of the last epoch."""
+        return self._last("best/val_acc")
 
     @property
     def best_val_test_acc(self) -> Optional[float]:
@@ -124,6 +141,19 @@ class RunRecord:
     @property
     def device_hours(self) -> Optional[float]:
         return self.metrics.get("budget/device_hours")
+
+    @property
+    def epochs(self) -> Optional[float]:
+        return self.metrics.get("budget/epochs")
+
+    @property
+    def images(self) -> Optional[float]:
+        """Training images seen (epochs x images per epoch)."""
+        return self.metrics.get("budget/images")
+
+    @property
+    def views_per_image(self) -> Optional[float]:
+        return self.metrics.get("budget/views_per_image")
 
 
 def _number(text: Optional[str], kind=float):
@@ -260,6 +290,10 @@ class Row:
 
     def stat(self, attribute: str) -> Stat:
         return Stat.of(getattr(run, attribute) for run in self.runs)
+
+    def metric_stat(self, key: str) -> Stat:
+        """Mean and std over the row's runs of metric `key` at each run's last step."""
+        return Stat.of(run.value(key) for run in self.runs)
 
     @property
     def note(self) -> str:
@@ -431,13 +465,54 @@ def table_cells(row: Row, hyperparameters: Sequence[str], with_kd: bool) -> list
     ]
 
 
+def table_grid(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    """The table as text: its column titles and one list of cells per row (Markdown, HTML report)."""
+    hyperparameters, with_kd = varying_hyperparameters(rows), _with_kd(rows)
+    return columns(rows), [table_cells(row, hyperparameters, with_kd) for row in rows]
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
-    titles, hyperparameters, with_kd = columns(rows), varying_hyperparameters(rows), _with_kd(rows)
+    titles, lines_of_cells = table_grid(rows)
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
-    for row in rows:
-        cells = [cell.replace("|", "\\|") for cell in table_cells(row, hyperparameters, with_kd)]
-        lines.append("| " + " | ".join(cells) + " |")
+    for cells in lines_of_cells:
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _method_rows(rows: Sequence[Row]) -> list[Row]:
+    """The rows of the compared methods, whose budgets should match: the students' (a teacher is
+    trained to its own recipe), or every row of a table without students."""
+    students = [row for row in rows if row.first.role == names.STUDENT_ROLE]
+    return students or list(rows)
+
+
+def differing_budgets(rows: Sequence[Row]) -> dict[str, dict[float, list[str]]]:
+    """{budget key: {value: labels of the rows with runs of that value}} for each key of
+    kdresearch.training.budget.TRAINING_BUDGET whose value differs between the runs of the compared
+    methods' rows (`_method_rows`). Runs that do not log a key (older runs) are left out."""
+    differing = {}
+    for key in TRAINING_BUDGET:
+        by_value: dict[float, list[str]] = {}
+        for row in _method_rows(rows):
+            for value in dict.fromkeys(run.value(BUDGET_PREFIX + key) for run in row.runs):
+                if value is not None:
+                    by_value.setdefault(value, []).append(row.label)
+        if len(by_value) > 1:
+            differing[key] = dict(sorted(by_value.items()))
+    return differing
+
+
+def budget_note(rows: Sequence[Row]) -> str:
+    """One line under a table whose rows were trained for different budgets, naming the keys and
+    which rows have which value; "" when they match."""
+    differing = differing_budgets(rows)
+    if not differing:
+        return ""
+    whose = "the students' rows" if any(row.first.role == names.STUDENT_ROLE for row in rows) else "rows"
+    parts = [f"{key} ({'; '.join(f'{value:g}: ' + ', '.join(labels) for value, labels in by_value.items())})"
+             for key, by_value in differing.items()]
+    return (f"Budgets differ between {whose}: {', '.join(parts)}; their accuracies compare methods trained for "
+            f"different budgets (budget/* metrics).")
 
 
 def _footnote(rows: Sequence[Row]) -> str:
@@ -457,7 +532,8 @@ def _footnote(rows: Sequence[Row]) -> str:
     ]
     if multi:
         parts.insert(0, "mean ± sample std over seeds")
-    return "; ".join(parts) + "."
+    note = budget_note(rows)
+    return (f"{note}\n\n" if note else "") + "; ".join(parts) + "."
 
 
 def write_markdown(rows: Sequence[Row], path: Path, title: str) -> Path:
@@ -466,7 +542,7 @@ def write_markdown(rows: Sequence[Row], path: Path, title: str) -> Path:
 
 
 CSV_STATS = ("init_norm", "final_norm", "final_acc", "best_val_test_acc", "best_acc", "train_seconds",
-             "agreement", "kl_teacher", "steps", "device_hours")
+             "agreement", "kl_teacher", "epochs", "steps", "images", "views_per_image", "device_hours")
 
 
 def _difference_columns(prefix: str, difference: Optional[Difference]) -> dict[str, object]:
@@ -480,6 +556,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
     import pandas as pd
 
     hyperparameters = sorted({key for row in rows for key in row.first.hyperparameters})
+    differing = " ".join(differing_budgets(rows))  # the same on every line: the table's budgets differ in these
     lines = [{
         "run": row.label, "run_ids": " ".join(run.run_id for run in row.runs), "model": row.first.model,
         "loss": row.first.loss, "role": row.first.role,
@@ -489,7 +566,8 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
         "delta_vs_baseline": row.delta, **_difference_columns("delta_vs_baseline", row.vs_baseline),
         "baseline": row.baseline_label,
         "delta_vs_kd": None if row.vs_kd is None else row.vs_kd.mean, **_difference_columns("delta_vs_kd", row.vs_kd),
-        "kd_reference": row.kd_label, "unfair_init": bool(row.unfair), "note": row.note,
+        "kd_reference": row.kd_label, "unfair_init": bool(row.unfair), "budget_differs": differing,
+        "note": row.note,
     } for row in rows]
     # dtype=object writes each value as Python does: a count stays 267738, not 267738.0 beside a missing
     # one; lines end in CRLF, as RFC 4180 and the csv module have them.
@@ -593,17 +671,24 @@ def default_name(prefix: str = "comparison") -> str:
     return f"{prefix}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
 
 
+def comparison_rows(client, runs: Sequence, per_run: bool = False, baseline: Optional[str] = None,
+                    kd_reference: Optional[str] = None) -> tuple[list[RunRecord], list[Row]]:
+    """The records of `runs` (MLflow runs) and the table's rows built from them; per-epoch
+    histories are read only for the runs the table shows, not for superseded reruns."""
+    records = [read_run(client, run, history=False) for run in runs]
+    shown = _table_runs(records, per_run)
+    for record in shown:
+        record.history = metric_history(client, record.run_id, HISTORY_KEYS)
+    return records, build_rows(shown, per_run=per_run, baseline=baseline, kd_reference=kd_reference)
+
+
 def compare(tracker: Tracker, runs: Sequence, out_dir: Path, name: Optional[str] = None, per_run: bool = False,
             baseline: Optional[str] = None, kd_reference: Optional[str] = None, log_summary: bool = True,
             selection: Optional[Mapping[str, object]] = None) -> Comparison:
     """Build the table of `runs` (MLflow runs, e.g. from `select_runs`), write comparison.md/.csv/.png
     into `out_dir` and, with `log_summary`, log them as artifacts of a summary run named `name`."""
     name = name or default_name()
-    records = [read_run(tracker.client, run, history=False) for run in runs]
-    shown = _table_runs(records, per_run)
-    for record in shown:  # histories only for the runs in the table, not for superseded reruns
-        record.history = metric_history(tracker.client, record.run_id, HISTORY_KEYS)
-    rows = build_rows(shown, per_run=per_run, baseline=baseline, kd_reference=kd_reference)
+    records, rows = comparison_rows(tracker.client, runs, per_run, baseline, kd_reference)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = Comparison(
@@ -635,3 +720,54 @@ def log_summary_run(tracker: Tracker, result: Comparison, name: str, records: Se
     log.info("summary run %s (%s) holds %s/comparison.md, .csv, .png", tracked.run_id, name, ARTIFACT_DIR)
     return tracked.run_id
 
+
+# --- the table's headline numbers ------------------------------------------------------------------
+
+HEADLINE_PREFIX = "headline/"  # metrics of a group's parent run: its table's best configuration
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The best configuration of a table, as a group's parent run carries it so that MLflow's runs
+    table can sort sweeps and benchmarks: chosen on validation (the highest mean best/val_acc) when
+    every candidate row has a validation split, else on the mean last-epoch test/acc. Candidates:
+    the students' rows (a teacher is not one of the compared methods), or every row of a table
+    without students."""
+
+    row: Row
+    chosen_by: str  # the metric the row was chosen on: "best/val_acc" or "test/acc"
+
+    def metrics(self) -> dict[str, float]:
+        """`headline/test_acc` (mean last-epoch test/acc over seeds), `_std`, its 95 % Student-t
+        interval `_ci_low`, `_ci_high`, `_ci_half_width` (none with one seed or no spread),
+        `headline/seeds`, and where they exist `headline/val_acc` (mean best/val_acc),
+        `headline/test_acc_at_best_val` and the difference to the student alone
+        `headline/delta_vs_student_ce` with its interval and p-value."""
+        accs = [value for value in (run.final_acc for run in self.row.runs) if value is not None]
+        last = Stat.of(accs)
+        metrics = {"test_acc": last.mean, "test_acc_std": last.std, "seeds": float(len(accs)),
+                   "val_acc": self.row.stat("best_val_acc").mean,
+                   "test_acc_at_best_val": self.row.stat("best_val_test_acc").mean}
+        interval = mean_interval(accs)
+        if interval is not None:
+            low, high = interval
+            metrics.update(test_acc_ci_low=low, test_acc_ci_high=high, test_acc_ci_half_width=(high - low) / 2)
+        difference = self.row.vs_baseline
+        if difference is not None:
+            metrics.update(delta_vs_student_ce=difference.mean, delta_vs_student_ce_ci_low=difference.low,
+                           delta_vs_student_ce_ci_high=difference.high, delta_vs_student_ce_p=difference.p_value)
+        return {HEADLINE_PREFIX + key: float(value) for key, value in metrics.items() if value is not None}
+
+    def tags(self) -> dict[str, str]:
+        return {"headline.row": self.row.label, "headline.chosen_by": self.chosen_by,
+                "headline.run_ids": " ".join(run.run_id for run in self.row.runs)[:5000]}
+
+
+def headline(rows: Sequence[Row]) -> Optional[Headline]:
+    """The table's best configuration (see Headline); None when no row has a test accuracy."""
+    candidates = [row for row in _method_rows(rows) if row.stat("final_acc").mean is not None]
+    if not candidates:
+        return None
+    if all(row.stat("best_val_acc").mean is not None for row in candidates):
+        return Headline(max(candidates, key=lambda row: row.stat("best_val_acc").mean), "best/val_acc")
+    return Headline(max(candidates, key=lambda row: row.stat("final_acc").mean), "test/acc")

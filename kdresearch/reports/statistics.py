@@ -93,6 +93,15 @@ def _interval(mean: float, standard_error: float, degrees_of_freedom: float) -> 
     return mean - half_width, mean + half_width
 
 
+def mean_interval(values: Sequence[float]) -> Optional[tuple[float, float]]:
+    """The 95 % Student-t confidence interval of the mean of `values` (one per seed); None with
+    fewer than two values or values that do not vary (no spread to estimate it from)."""
+    if not _varies(list(values)):
+        return None
+    mean, n = statistics.fmean(values), len(values)
+    return _interval(mean, statistics.stdev(values) / math.sqrt(n), n - 1)
+
+
 def paired_difference(values: Sequence[float], reference: Sequence[float]) -> Difference:
     """`values[i] - reference[i]` over pairs i (one seed each): mean, interval and `ttest_rel`'s p-value."""
     from scipy import stats

@@ -19,9 +19,11 @@ that folder (`check_one_sweep`).
 The parent records the sweep's overrides (param `overrides` and one `sweep.<key>` param per
 override, the search space `search.<key>` for an Optuna search), its group's summary (the
 comparison table of its children as description and artifacts comparison/comparison.md, .csv,
-.png, or the table a pipeline gives, e.g. the method benchmark's), an Optuna search's best value
-and parameters (metric `best_value`, tags `best.<key>`), and its status: FINISHED only when the
-latest run of every configuration in it FINISHED, else FAILED (KILLED when a job was stopped).
+.png, or the table a pipeline gives, e.g. the method benchmark's), the table's headline numbers as
+its own metrics (`headline/*`: the best configuration's mean test accuracy, interval and seeds, so
+that the runs table sorts groups; `log_headline`), an Optuna search's best value and parameters
+(metric `best_value`, tags `best.<key>`), and its status: FINISHED only when the latest run of
+every configuration in it FINISHED, else FAILED (KILLED when a job was stopped).
 """
 
 from __future__ import annotations
@@ -148,20 +150,36 @@ def latest_per_configuration(runs: Sequence) -> list:
 
 @dataclass(frozen=True)
 class GroupSummary:
-    """What a parent run shows of its group: `files`, logged as artifacts under `artifact_dir`, and
-    `note`, its description in the MLflow UI."""
+    """What a parent run shows of its group: `files`, logged as artifacts under `artifact_dir`,
+    `note`, its description in the MLflow UI, and the comparison `rows` (kdresearch.reports.compare)
+    its headline metrics come from (empty: the rows of the parent's finished children)."""
 
     files: tuple[Path, ...]
     artifact_dir: str
     note: str
+    rows: tuple = ()
 
     @classmethod
     def of_comparison(cls, comparison) -> "GroupSummary":
-        """A kdresearch.reports.compare.Comparison: its table, footnote and files."""
+        """A kdresearch.reports.compare.Comparison: its table, footnote, files and rows."""
         from kdresearch.reports.compare import ARTIFACT_DIR
 
         return cls((comparison.markdown, comparison.csv, comparison.figure), ARTIFACT_DIR,
-                   f"{comparison.table}\n{comparison.footnote}")
+                   f"{comparison.table}\n{comparison.footnote}", tuple(comparison.rows))
+
+
+def log_headline(parent, rows: Sequence) -> None:
+    """The table's headline numbers as the parent's own metrics (`headline/*`, at step 0) and tags
+    (`headline.*`), so that MLflow's runs table sorts and compares sweeps and benchmarks by them:
+    the best configuration's mean test accuracy, its 95 % interval and seed count, its validation
+    accuracy (kdresearch.reports.compare.headline). A group run again logs them again; the
+    latest values stand."""
+    from kdresearch.reports.compare import headline
+
+    best = headline(rows)
+    if best is not None:
+        parent.log_metrics(best.metrics(), step=0)
+        parent.set_tags(best.tags())
 
 
 def close_parent(tracker: Tracker, run_id: str, folder: Path, title: str,
@@ -169,8 +187,9 @@ def close_parent(tracker: Tracker, run_id: str, folder: Path, title: str,
                  extra_metrics: Optional[Mapping[str, float]] = None,
                  summary: Optional[GroupSummary] = None) -> str:
     """Log the group's `summary` (by default the comparison of the parent's finished children,
-    titled `title`) and end the parent with the status the children earn."""
-    from kdresearch.reports.compare import compare
+    titled `title`) and its headline metrics (`log_headline`), and end the parent with the status
+    the children earn."""
+    from kdresearch.reports.compare import compare, comparison_rows
     from kdresearch.tracking.run import TrackedRun
 
     parent = TrackedRun(tracker, run_id)
@@ -191,6 +210,9 @@ def close_parent(tracker: Tracker, run_id: str, folder: Path, title: str,
             for path in summary.files:
                 parent.log_file(path, summary.artifact_dir)
             parent.set_tags({"mlflow.note.content": summary.note, "child_runs": str(len(latest))})
+        rows = summary.rows if summary is not None and summary.rows else (
+            comparison_rows(tracker.client, finished)[1] if finished else [])
+        log_headline(parent, rows)
     parent.end(status)
     os.environ.pop(PARENT_ENV, None)
     log.info("parent MLflow run %s %s: %d of %d configurations finished", run_id, status, len(finished), len(latest))

@@ -20,6 +20,9 @@ from kdresearch.runtime import distributed
 from kdresearch.teacher.outputs import TeacherCounts
 
 PREFIX = "budget/"
+# What the recipe fixes, so that runs to be compared should share it; the others (teacher passes,
+# wall time, device-hours) are what the run cost, and differ between methods by nature.
+TRAINING_BUDGET = ("epochs", "steps", "images", "views_per_image")
 
 
 class Budget:
