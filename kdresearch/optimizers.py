@@ -114,6 +114,14 @@ def check_split(optimizer_node: Mapping, loss_fn, loss_name: str, key: str = "op
         trained = "the teacher's cross-entropy" if key != "optimizer" else f"loss={loss_name}"
         raise KDResearchError(f"{key}=dot needs a distillation loss with a cross-entropy term (a ce_weight) to "
                               f"split into task and distillation gradients; {trained} has none")
+    # An init stage (FSP, AB, FT) trains one term without cross-entropy, so there is no task gradient to split.
+    terms = [loss_fn, *getattr(loss_fn, "terms", {}).values()]
+    staged = [term for term in terms if getattr(term, "init_epochs", 0) > 0]
+    if staged:
+        raise KDResearchError(f"{key}=dot splits the cross-entropy gradient from the distillation gradient, but "
+                              f"loss={staged[0].loss_name()}'s init stage (loss.init_epochs={staged[0].init_epochs}) "
+                              f"trains without cross-entropy; use optimizer=sgd, or loss.init_epochs=0 where the "
+                              f"method allows it")
 
 
 def backward(optimizer: Optimizer, loss_fn, total: torch.Tensor, parts: Mapping[str, torch.Tensor]) -> None:

@@ -260,6 +260,9 @@ def test_ctkd_refuses_a_temperature_range_beyond_the_largest():
     (["loss=ce", "optimizer=dot"], "optimizer=dot needs a distillation loss with a cross-entropy term (a ce_weight) "
                                    "to split into task and distillation gradients; loss=ce has none"),
     (["loss=kd", "optimizer@teacher.optimizer=dot"], "teacher.optimizer=dot needs a distillation loss"),
+    (["loss=fsp", "epochs=40", "optimizer=dot"], "loss=fsp's init stage (loss.init_epochs=30) trains without "
+                                                 "cross-entropy; use optimizer=sgd"),
+    (["loss=kd", "+loss@loss.fsp=fsp", "epochs=40", "optimizer=dot"], "loss=fsp's init stage"),
 ])
 def test_dot_refuses_a_loss_it_cannot_split_before_the_job(overrides, message):
     from kdresearch.config.validation import check_config
@@ -268,6 +271,8 @@ def test_dot_refuses_a_loss_it_cannot_split_before_the_job(overrides, message):
         check_config(compose_config("data=synthetic", *overrides))
     assert "\n" not in str(error.value)
     check_config(compose_config("data=synthetic", "loss=dkd", "+loss@loss.at=at", "optimizer=dot"))
+    check_config(compose_config("data=synthetic", "loss=fsp", "loss.init_epochs=0", "loss.distill_weight=1",
+                                "optimizer=dot"))  # no init stage: DOT splits FSP + CE
 
 
 def test_a_combined_loss_names_its_run_by_its_terms():
