@@ -3,17 +3,25 @@
 Contract (`Network`): `model(x)` returns logits; `model(x, with_features=True)` returns
 `ModelOutputs` from the same forward pass: the logits, the pooled penultimate `embedding` (the
 input of the last linear layer), the feature map after every stage (`stages`, post-activation),
-for the tutorial nets the flattened conv output `hidden` that the cosine loss reads, and for the
-ImageNet networks the stages before their final ReLU (`preact_stages`).
+for the tutorial nets the flattened conv output `hidden` that the cosine loss reads, and the
+stages before their final ReLU (`preact_stages`, the suites' `preact=True` / `preact_feats`, which
+OFD, ReviewKD and AB read). Every network here offers them, and computes them only when features
+are asked for: the plain forward keeps its in-place ReLUs, while a forward with features applies
+each stage's final ReLU out of place so the pre-activation map survives (values are the same).
 Shape facts are class/instance attributes known before any forward pass, so a loss can size its
 connectors and refuse a bad student/teacher pair before training starts:
 `num_classes`, `embedding_dim`, `stage_channels` and `stage_sizes` (spatial side of each stage's
 map for an `image_size` x `image_size` input: 32 for the tutorial nets and the CIFAR networks).
+The pre-activation stages have exactly the stages' shapes, so the same facts describe them.
+`preact_norms()` names the BatchNorm layer each pre-activation stage comes out of (the suites'
+`get_bn_before_relu`), whose weight and bias OFD reads as the pre-activation's std and mean; None
+for networks without one (the tutorial nets, the ShuffleNets, as in the suites).
 The benchmark networks live in `kdresearch.architectures`.
 
 The tutorial nets' layer definitions and `state_dict` keys are exactly the tutorial's, so a
 checkpoint trained here loads into the tutorial's classes and vice versa. Their stages are the two
-conv blocks (each ends with a max-pool). The ReLUs work in place (the tutorial's do not): no
+conv blocks (each ends with a max-pool); a block's pre-activation stage is its max-pooled last conv
+output, before the ReLU (the two commute). The ReLUs work in place (the tutorial's do not): no
 layer's backward needs a ReLU's input, and skipping one fresh activation tensor per ReLU makes a
 DeepNN training step ~5-10 % faster on CPU. Results are the same.
 """
@@ -24,6 +32,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class ModelOutputs(NamedTuple):
@@ -35,8 +44,8 @@ class ModelOutputs(NamedTuple):
     stages: Optional[tuple[Optional[torch.Tensor], ...]] = None  # per stage (N, C_i, H_i, W_i)
     hidden: Optional[torch.Tensor] = None  # the last stage flattened (N, hidden_dim); for the tutorial
     # nets this is their flattened conv output, the cosine loss's input
-    preact_stages: Optional[tuple[torch.Tensor, ...]] = None  # the stages before their final ReLU
-    # (the suites' `preact_feats`), from the networks that offer them (kdresearch.architectures.imagenet)
+    preact_stages: Optional[tuple[Optional[torch.Tensor], ...]] = None  # the stages before their final
+    # ReLU (the suites' `preact_feats`), same shapes as `stages`
 
     @property
     def feature_map(self) -> Optional[torch.Tensor]:
@@ -44,33 +53,63 @@ class ModelOutputs(NamedTuple):
         return self.stages[-1] if self.stages else None
 
 
-# Field names a loss may ask of the teacher: "logits", "embedding", "hidden" or "stage<i>"
-# (i counts from 0; negative counts from the last stage, e.g. "stage-1").
+# Field names a loss may ask of the teacher: "logits", "embedding", "hidden", "stage<i>" or
+# "preact_stage<i>" (i counts from 0; negative counts from the last stage, e.g. "stage-1").
+_STAGE_PREFIXES = {"stage": "stages", "preact_stage": "preact_stages"}  # field prefix -> ModelOutputs field
+
+
 def stage_field(index: int) -> str:
     return f"stage{index}"
+
+
+def preact_field(index: int) -> str:
+    """The field of stage `index` before its final ReLU."""
+    return f"preact_stage{index}"
+
+
+def _stage_of(field: str) -> Optional[tuple[str, int]]:
+    """("stages" or "preact_stages", index) for a stage field, None for the others."""
+    for prefix, name in _STAGE_PREFIXES.items():
+        if field.startswith(prefix) and field[len(prefix):].lstrip("-").isdigit():
+            return name, int(field[len(prefix):])
+    return None
+
+
+def field_stage_index(field: str) -> Optional[int]:
+    """The stage a "stage<i>" or "preact_stage<i>" field holds (both have that stage's shape), else None."""
+    stage = _stage_of(field)
+    return None if stage is None else stage[1]
 
 
 def select_fields(outputs: ModelOutputs, fields: Sequence[str]) -> dict[str, torch.Tensor]:
     """The named fields of `outputs` as a flat dict (what the teacher-output cache stores)."""
     selected = {}
     for field in fields:
-        if field.startswith("stage"):
-            selected[field] = outputs.stages[int(field[len("stage"):])]
-        else:
-            selected[field] = getattr(outputs, field)
+        stage = _stage_of(field)
+        selected[field] = getattr(outputs, field) if stage is None else getattr(outputs, stage[0])[stage[1]]
     return selected
 
 
 def assemble_outputs(fields: dict[str, torch.Tensor], num_stages: int) -> ModelOutputs:
     """Inverse of `select_fields`: a ModelOutputs holding just these fields (others None)."""
-    stages: list[Optional[torch.Tensor]] = [None] * num_stages
+    stages: dict[str, list[Optional[torch.Tensor]]] = {}
     plain = {}
     for field, value in fields.items():
-        if field.startswith("stage"):
-            stages[int(field[len("stage"):])] = value
-        else:
+        stage = _stage_of(field)
+        if stage is None:
             plain[field] = value
-    return ModelOutputs(stages=tuple(stages), **plain)
+        else:
+            stages.setdefault(stage[0], [None] * num_stages)[stage[1]] = value
+    stages.setdefault("stages", [None] * num_stages)
+    return ModelOutputs(**{name: tuple(values) for name, values in stages.items()}, **plain)
+
+
+def stage_keeping_preact(blocks: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stage of blocks run with its last block's `forward_keeping_preact` (which applies the final
+    ReLU out of place): (the stage's output, the same map before that ReLU)."""
+    for block in blocks[:-1]:
+        x = block(x)
+    return blocks[-1].forward_keeping_preact(x)
 
 
 class Network(nn.Module):
@@ -82,8 +121,14 @@ class Network(nn.Module):
     stage_sizes: tuple[int, ...]  # for image_size x image_size inputs
     image_size: int = 32  # the input side the shape facts are for
 
-    def outputs(self, x: torch.Tensor) -> ModelOutputs:
+    def outputs(self, x: torch.Tensor, with_preact: bool = False) -> ModelOutputs:
+        """The forward pass; `preact_stages` only `with_preact` (it costs out-of-place ReLUs)."""
         raise NotImplementedError
+
+    def preact_norms(self) -> Optional[tuple[nn.BatchNorm2d, ...]]:
+        """The BatchNorm each pre-activation stage comes out of, one per stage (module docstring);
+        None where the network has none."""
+        return None
 
     @property
     def hidden_dim(self) -> int:
@@ -91,7 +136,7 @@ class Network(nn.Module):
         return self.stage_channels[-1] * self.stage_sizes[-1] ** 2
 
     def forward(self, x: torch.Tensor, with_features: bool = False):
-        out = self.outputs(x)
+        out = self.outputs(x, with_preact=with_features)
         if not with_features:
             return out.logits
         if out.hidden is None:  # a view, free: every model offers the cosine loss its input
@@ -111,8 +156,8 @@ class _ConvClassifier(Network):
     features: nn.Sequential
     classifier: nn.Sequential
 
-    def outputs(self, x):
-        stages = []
+    def outputs(self, x, with_preact=False):
+        stages, preact = [], []
         layers = list(self.features)
         position = 0
         while position < len(layers):
@@ -122,7 +167,12 @@ class _ConvClassifier(Network):
                 # Each conv block ends with ReLU then max-pool. Both are monotone, so pooling first
                 # gives bit-identical values and gradients with a quarter of the ReLU's work
                 # (LightNN's training step: 22 -> 14 ms on 2 CPU cores, batch 128).
-                x = layer(following(x))
+                pooled = following(x)
+                if with_preact:
+                    preact.append(pooled)
+                    x = F.relu(pooled)  # out of place: `pooled` is kept
+                else:
+                    x = layer(pooled)
                 stages.append(x)
                 position += 2
             else:
@@ -130,7 +180,8 @@ class _ConvClassifier(Network):
                 position += 1
         hidden = torch.flatten(x, 1)
         embedding = self.classifier[:-1](hidden)
-        return ModelOutputs(self.classifier[-1](embedding), embedding, tuple(stages), hidden)
+        return ModelOutputs(self.classifier[-1](embedding), embedding, tuple(stages), hidden,
+                            tuple(preact) if with_preact else None)
 
 
 class DeepNN(_ConvClassifier):

@@ -26,7 +26,7 @@ PAIR = "cifar100_res56_res20"
 HEADER = "pair,method,top1,source,epochs,views\n"
 
 # Loss names with published figures that kdresearch cannot run yet (issue 19 plans them).
-NOT_YET_AVAILABLE = {"mlkd", "ft"}
+NOT_YET_AVAILABLE: set[str] = set()
 # Pairs of the suites' tables that have no experiment preset yet.
 PAIRS_WITHOUT_PRESET = {"cifar100_res110_res32", "cifar100_wrn40_2_wrn40_1"}
 # The file's source key of each method's own authors, for the methods that more than one source reports.

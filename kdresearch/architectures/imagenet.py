@@ -17,8 +17,11 @@ Stages are the ends of the four resolution stages at 1/4, 1/8, 1/16 and 1/32 of 
 (mdistiller's feats), MobileNetV2's features 3, 6, 13, 17 (the last inverted residual of each
 resolution, as in the CIFAR MobileNetV2; the final 1x1 conv is not a stage). The ResNets' and
 MobileNetV1's stages end with a ReLU; `preact_stages` holds the same maps before it (mdistiller's
-`preact_feats`, which its OFD and ReviewKD read). MobileNetV2's inverted residuals end linearly, so
-its pre-activation stages are its stages. The embedding is the globally average-pooled last map.
+`preact_feats`, which its OFD and ReviewKD read), computed only with features (the plain forward
+is the networks' own, in-place ReLUs included). MobileNetV2's inverted residuals end linearly, so
+its pre-activation stages are its stages. `preact_norms` are the BatchNorms those maps come out of
+(mdistiller's `get_bn_before_relu`: the last block's bn2 / bn3, MobileNetV1's pointwise BN,
+MobileNetV2's projection BN). The embedding is the globally average-pooled last map.
 
 Shape facts are for square inputs of side `image_size` (224 by default; the model configs take the
 data's `image_size`, else 32). Every downsampling layer here (a stride-2 conv with "same" padding,
@@ -89,19 +92,28 @@ class TorchvisionResNet(Network):
         self.stage_sizes = tuple(_halved(image_size, 2 + index) for index in range(4))  # stem conv + max-pool
         self.embedding_dim = self.fc.in_features
 
-    def outputs(self, x: torch.Tensor) -> ModelOutputs:
+    def _stages(self) -> tuple[nn.Sequential, ...]:
+        return self.layer1, self.layer2, self.layer3, self.layer4
+
+    def outputs(self, x: torch.Tensor, with_preact: bool = False) -> ModelOutputs:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         stages, preact = [], []
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for block in stage[:-1]:
-                x = block(x)
-            before = _residual_sum(stage[-1], x)
-            x = F.relu(before)  # not in place: `before` is kept
+        for stage in self._stages():
+            if with_preact:
+                for block in stage[:-1]:
+                    x = block(x)
+                before = _residual_sum(stage[-1], x)
+                x = F.relu(before)  # not in place: `before` is kept
+                preact.append(before)
+            else:
+                x = stage(x)
             stages.append(x)
-            preact.append(before)
         embedding = torch.flatten(self.avgpool(x), 1)
         return ModelOutputs(logits=self.fc(embedding), embedding=embedding, stages=tuple(stages),
-                            preact_stages=tuple(preact))
+                            preact_stages=tuple(preact) if with_preact else None)
+
+    def preact_norms(self) -> tuple[nn.BatchNorm2d, ...]:
+        return tuple(stage[-1].bn3 if isinstance(stage[-1], Bottleneck) else stage[-1].bn2 for stage in self._stages())
 
 
 def resnet18(num_classes: int = 1000, image_size: int = 224) -> TorchvisionResNet:
@@ -137,7 +149,7 @@ class TorchvisionMobileNetV2(Network):
                                  for index in _MOBILENET_V2_STAGES)
         self.embedding_dim = self.classifier[-1].in_features
 
-    def outputs(self, x: torch.Tensor) -> ModelOutputs:
+    def outputs(self, x: torch.Tensor, with_preact: bool = False) -> ModelOutputs:
         stages = []
         for index, layer in enumerate(self.features):
             x = layer(x)
@@ -147,7 +159,10 @@ class TorchvisionMobileNetV2(Network):
         stages = tuple(stages)
         # The stages end with a linear projection (BN, no ReLU): their pre-activation is themselves.
         return ModelOutputs(logits=self.classifier(embedding), embedding=embedding, stages=stages,
-                            preact_stages=stages)
+                            preact_stages=stages if with_preact else None)
+
+    def preact_norms(self) -> tuple[nn.BatchNorm2d, ...]:
+        return tuple(self.features[index].conv[-1] for index in _MOBILENET_V2_STAGES)
 
 
 def mobilenet_v2(num_classes: int = 1000, image_size: int = 224) -> TorchvisionMobileNetV2:
@@ -200,19 +215,23 @@ class MobileNetV1(Network):
         self.stage_sizes = tuple(_halved(image_size, strides[:index + 1].count(2)) for index in _MOBILENET_V1_STAGES)
         self.embedding_dim = in_channels
 
-    def outputs(self, x: torch.Tensor) -> ModelOutputs:
+    def outputs(self, x: torch.Tensor, with_preact: bool = False) -> ModelOutputs:
         stages, preact = [], []
         for index, block in enumerate(self.model):
-            if index in _MOBILENET_V1_STAGES:
+            if index in _MOBILENET_V1_STAGES and with_preact:
                 before = block[:-1](x)  # all but the block's in-place ReLU, so `before` is kept
                 x = F.relu(before)
-                stages.append(x)
                 preact.append(before)
             else:
                 x = block(x)
+            if index in _MOBILENET_V1_STAGES:
+                stages.append(x)
         embedding = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return ModelOutputs(logits=self.fc(embedding), embedding=embedding, stages=tuple(stages),
-                            preact_stages=tuple(preact))
+                            preact_stages=tuple(preact) if with_preact else None)
+
+    def preact_norms(self) -> tuple[nn.BatchNorm2d, ...]:
+        return tuple(self.model[index][4] for index in _MOBILENET_V1_STAGES)
 
 
 def mobilenet_v1(num_classes: int = 1000, image_size: int = 224) -> MobileNetV1:

@@ -17,8 +17,10 @@ conv2.{0,1}, classifier.0), so their checkpoints load unchanged. Initialisation 
 Stages: the outputs of block groups 1, 2, 4 and 6 (the last of each resolution: 16x16, 8x8, 4x4,
 2x2), exactly the suites' feat[1] ... feat[4] (`is_feat=True` in RepDistiller,
 `feats["feats"][1:]` in mdistiller); the stem is feat[0]. The inverted-residual blocks end with a
-linear (BN, no ReLU) projection, so these maps are not passed through a ReLU. The embedding is the
-average-pooled output of the final 1x1 conv-BN-ReLU (1280 channels).
+linear (BN, no ReLU) projection, so these maps are not passed through a ReLU: their pre-activation
+stages are the stages themselves (the suites return the same maps with `preact=True`), and
+`preact_norms` are each stage's last projection BN (the suites' `get_bn_before_relu`). The
+embedding is the average-pooled output of the final 1x1 conv-BN-ReLU (1280 channels).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ class MobileNetV2(Network):
 
         init_suite_weights(self, linear_std=0.01)
 
-    def outputs(self, x: torch.Tensor) -> ModelOutputs:
+    def outputs(self, x: torch.Tensor, with_preact: bool = False) -> ModelOutputs:
         x = self.conv1(x)
         stages = []
         for index, group in enumerate(self.blocks):
@@ -114,4 +116,9 @@ class MobileNetV2(Network):
         # Global pooling equals the suites' AvgPool2d(2, ceil_mode=True) on the 2x2 map of a
         # 32x32 input.
         embedding = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return ModelOutputs(logits=self.classifier(embedding), embedding=embedding, stages=tuple(stages))
+        stages = tuple(stages)
+        return ModelOutputs(logits=self.classifier(embedding), embedding=embedding, stages=stages,
+                            preact_stages=stages if with_preact else None)
+
+    def preact_norms(self) -> tuple[nn.BatchNorm2d, ...]:
+        return tuple(self.blocks[group][-1].conv[-1] for group in _STAGE_GROUPS)

@@ -17,6 +17,9 @@ Stages: the outputs of layer1, layer2 and layer3 after each stage's last ReLU, i
 feat[1], feat[2], feat[3] (`is_feat=True` in RepDistiller, `feats["feats"][1:]` in mdistiller);
 the stem (feat[0]) is not a stage. The embedding is the globally average-pooled layer3 output
 (the suites' feat[-1] / `pooled_feat`).
+
+Pre-activation stages: each stage's last residual sum before its ReLU (the suites' `preact=True`
+feat[1..3]); `preact_norms` are those blocks' bn2, the suites' `get_bn_before_relu`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdresearch.models import ModelOutputs, Network
+from kdresearch.models import ModelOutputs, Network, stage_keeping_preact
 
 
 class BasicBlock(nn.Module):
@@ -46,13 +49,21 @@ class BasicBlock(nn.Module):
                 nn.BatchNorm2d(channels),
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def residual_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output before its final ReLU."""
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        # `out + shortcut` is a fresh tensor, so the in-place ReLU never touches `x` (which may be
+        return out + shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The residual sum is a fresh tensor, so the in-place ReLU never touches `x` (which may be
         # a stage output a loss still holds).
-        return F.relu(out + shortcut, inplace=True)
+        return F.relu(self.residual_sum(x), inplace=True)
+
+    def forward_keeping_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        before = self.residual_sum(x)
+        return F.relu(before), before
 
 
 class ResNet(Network):
@@ -91,16 +102,24 @@ class ResNet(Network):
         blocks += [BasicBlock(channels, channels) for _ in range(num_blocks - 1)]
         return nn.Sequential(*blocks)
 
-    def outputs(self, x: torch.Tensor) -> ModelOutputs:
+    def outputs(self, x: torch.Tensor, with_preact: bool = False) -> ModelOutputs:
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        stages = []
+        stages, preact = [], []
         for layer in (self.layer1, self.layer2, self.layer3):
-            x = layer(x)
+            if with_preact:
+                x, before = stage_keeping_preact(layer, x)
+                preact.append(before)
+            else:
+                x = layer(x)
             stages.append(x)
         # Global pooling equals the suites' AvgPool2d(8) on the 8x8 map of a 32x32 input and
         # also works for other input sizes.
         embedding = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return ModelOutputs(logits=self.fc(embedding), embedding=embedding, stages=tuple(stages))
+        return ModelOutputs(logits=self.fc(embedding), embedding=embedding, stages=tuple(stages),
+                            preact_stages=tuple(preact) if with_preact else None)
+
+    def preact_norms(self) -> tuple[nn.BatchNorm2d, ...]:
+        return tuple(layer[-1].bn2 for layer in (self.layer1, self.layer2, self.layer3))
 
 
 _NARROW = (16, 16, 32, 64)

@@ -16,7 +16,9 @@ linear), so their checkpoints load unchanged. Initialisation is PyTorch's defaul
 Stages: the outputs of layer1, layer2 and layer3 after each unit's final ReLU (16x16, 8x8, 4x4 for a
 32x32 input), i.e. the suites' feat[1], feat[2], feat[3] (`is_feat=True` in RepDistiller,
 `feats["feats"][1:]` in mdistiller); the stem is feat[0]. The embedding is the average-pooled layer3
-output.
+output. Pre-activation stages: each layer's last unit before its final ReLU (the suites'
+`preact=True` feat[1..3]). The suites name no BatchNorm before that ReLU (their
+`get_bn_before_relu` refuses ShuffleNet), so `preact_norms` is None.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdresearch.models import ModelOutputs, Network
+from kdresearch.models import ModelOutputs, Network, stage_keeping_preact
 
 STEM_CHANNELS = 24
 
@@ -57,17 +59,23 @@ class ShuffleUnit(nn.Module):
         self.conv3 = nn.Conv2d(mid_channels, branch_channels, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(branch_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def before_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """The unit's output before its final ReLU."""
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = channel_shuffle(out, self.first_groups)
         out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
         if self.stride == 2:
-            out = torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1)
-        else:
-            out = out + x
+            return torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1)
+        return out + x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # cat / + give a fresh tensor: the in-place ReLU never touches `x`.
-        return F.relu(out, inplace=True)
+        return F.relu(self.before_relu(x), inplace=True)
+
+    def forward_keeping_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        before = self.before_relu(x)
+        return F.relu(before), before
 
 
 class ShuffleNetV1(Network):
@@ -94,15 +102,20 @@ class ShuffleNetV1(Network):
             in_channels = channels
         self.linear = nn.Linear(in_channels, num_classes)
 
-    def outputs(self, x: torch.Tensor) -> ModelOutputs:
+    def outputs(self, x: torch.Tensor, with_preact: bool = False) -> ModelOutputs:
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        stages = []
+        stages, preact = [], []
         for layer in (self.layer1, self.layer2, self.layer3):
-            x = layer(x)
+            if with_preact:
+                x, before = stage_keeping_preact(layer, x)
+                preact.append(before)
+            else:
+                x = layer(x)
             stages.append(x)
         # Global pooling equals the suites' avg_pool2d(4) on the 4x4 map of a 32x32 input.
         embedding = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return ModelOutputs(logits=self.linear(embedding), embedding=embedding, stages=tuple(stages))
+        return ModelOutputs(logits=self.linear(embedding), embedding=embedding, stages=tuple(stages),
+                            preact_stages=tuple(preact) if with_preact else None)
 
 
 def ShuffleV1(num_classes: int = 100) -> ShuffleNetV1:  # noqa: N802 - the suites' config name

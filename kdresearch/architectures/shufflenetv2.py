@@ -17,7 +17,11 @@ Stages: the outputs of layer1, layer2 and layer3 (16x16, 8x8, 4x4 for a 32x32 in
 suites' feat[1], feat[2], feat[3] (`is_feat=True` in RepDistiller, `feats["feats"][1:]` in
 mdistiller); the stem is feat[0]. Every channel of these maps is some unit's ReLU output (a basic
 unit passes half its input through unchanged), so they are post-activation. The embedding is the
-average-pooled relu(bn2(conv2(layer3 output))).
+average-pooled relu(bn2(conv2(layer3 output))). Pre-activation stages: each layer's last basic unit
+with its processed half taken before the ReLU (the suites' `preact=True` feat[1..3]), shuffled
+like the stage so that channel c of both is the same channel (the suites leave their pre-activation
+unshuffled, in another channel order than the stage). The suites name no BatchNorm before that ReLU
+(their `get_bn_before_relu` refuses ShuffleNetV2), so `preact_norms` is None.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdresearch.models import ModelOutputs, Network
+from kdresearch.models import ModelOutputs, Network, stage_keeping_preact
 
 STEM_CHANNELS = 24
 
@@ -52,12 +56,21 @@ class BasicUnit(nn.Module):
         self.conv3 = nn.Conv2d(half, half, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(half)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kept, processed = x.chunk(2, dim=1)
+    def _processed_before_relu(self, processed: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(processed)), inplace=True)
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)), inplace=True)
+        return self.bn3(self.conv3(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept, processed = x.chunk(2, dim=1)
+        out = F.relu(self._processed_before_relu(processed), inplace=True)
         return channel_shuffle(torch.cat([kept, out], 1))
+
+    def forward_keeping_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kept, processed = x.chunk(2, dim=1)
+        before = self._processed_before_relu(processed)
+        return (channel_shuffle(torch.cat([kept, F.relu(before)], 1)),
+                channel_shuffle(torch.cat([kept, before], 1)))
 
 
 class DownUnit(nn.Module):
@@ -113,16 +126,21 @@ class ShuffleNetV2(Network):
         self.bn2 = nn.BatchNorm2d(final_channels)
         self.linear = nn.Linear(final_channels, num_classes)
 
-    def outputs(self, x: torch.Tensor) -> ModelOutputs:
+    def outputs(self, x: torch.Tensor, with_preact: bool = False) -> ModelOutputs:
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        stages = []
+        stages, preact = [], []
         for layer in (self.layer1, self.layer2, self.layer3):
-            x = layer(x)
+            if with_preact:
+                x, before = stage_keeping_preact(layer, x)
+                preact.append(before)
+            else:
+                x = layer(x)
             stages.append(x)
         x = F.relu(self.bn2(self.conv2(x)), inplace=True)
         # Global pooling equals the suites' avg_pool2d(4) on the 4x4 map of a 32x32 input.
         embedding = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return ModelOutputs(logits=self.linear(embedding), embedding=embedding, stages=tuple(stages))
+        return ModelOutputs(logits=self.linear(embedding), embedding=embedding, stages=tuple(stages),
+                            preact_stages=tuple(preact) if with_preact else None)
 
 
 def ShuffleV2(num_classes: int = 100) -> ShuffleNetV2:  # noqa: N802 - the suites' config name

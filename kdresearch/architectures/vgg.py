@@ -19,6 +19,8 @@ theirs too.
 Stages: the outputs of block1 ... block4 after the ReLU and before the following pool, i.e. the
 suites' feat[1] ... feat[4] (`is_feat=True` in RepDistiller, `feats["feats"][1:]` in
 mdistiller); block0 is the stem (feat[0]). The embedding is the average-pooled block4 output.
+Pre-activation stages: the same blocks' outputs before that ReLU, i.e. their last BN's output (the
+suites' `preact=True` feat[1..4]); `preact_norms` are those BNs (the suites' `get_bn_before_relu`).
 """
 
 from __future__ import annotations
@@ -71,18 +73,28 @@ class VGG(Network):
 
         init_suite_weights(self, linear_std=0.01)
 
-    def outputs(self, x: torch.Tensor) -> ModelOutputs:
+    def _stage_blocks(self) -> tuple[nn.Sequential, ...]:
+        return self.block1, self.block2, self.block3, self.block4
+
+    def outputs(self, x: torch.Tensor, with_preact: bool = False) -> ModelOutputs:
         pool_before_block4 = x.shape[2] == 64  # the suites' rule: keeps block4 at 4x4 for 64x64 inputs
         x = F.relu(self.block0(x), inplace=True)
-        stages = []
-        for index, block in enumerate((self.block1, self.block2, self.block3, self.block4), start=1):
+        stages, preact = [], []
+        for index, block in enumerate(self._stage_blocks(), start=1):
             if index < 4 or pool_before_block4:
                 x = F.max_pool2d(x, kernel_size=2, stride=2)  # a fresh tensor: the stage before stays intact
-            # The block ends with a BN, whose output is fresh, so the in-place ReLU is safe.
-            x = F.relu(block(x), inplace=True)
+            before = block(x)
+            # The block ends with a BN, whose output is fresh, so the in-place ReLU is safe unless
+            # that output is kept as the pre-activation stage.
+            x = F.relu(before, inplace=not with_preact)
             stages.append(x)
+            preact.append(before)
         embedding = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return ModelOutputs(logits=self.classifier(embedding), embedding=embedding, stages=tuple(stages))
+        return ModelOutputs(logits=self.classifier(embedding), embedding=embedding, stages=tuple(stages),
+                            preact_stages=tuple(preact) if with_preact else None)
+
+    def preact_norms(self) -> tuple[nn.BatchNorm2d, ...]:
+        return tuple(block[-1] for block in self._stage_blocks())
 
 
 def vgg8(num_classes: int = 100) -> VGG:

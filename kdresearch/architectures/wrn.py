@@ -15,6 +15,12 @@ Stages: the outputs of block1, block2 and block3 exactly as the suites' feat[1],
 pre-activation, these are the residual sums (not passed through a ReLU); in particular the last
 stage is block3's output *before* the final bn1 + ReLU. The embedding is the globally
 average-pooled relu(bn1(block3 output)) (the suites' feat[-1] / `pooled_feat`).
+
+Pre-activation stages: as in the suites (`preact=True` / `preact_feats`), each stage normalised by
+the BatchNorm whose output the next ReLU acts on: block2's and block3's first bn1 for stages 1 and
+2, the final bn1 for stage 3 (the suites' `get_bn_before_relu`, which `preact_norms` returns). They
+are taken where the forward pass computes them, not by running those BatchNorms a second time (the
+suites do, which in training mode updates their running statistics twice per step).
 """
 
 from __future__ import annotations
@@ -46,7 +52,10 @@ class WideBasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # bn1 returns a fresh tensor, so activating it in place leaves `x` (maybe a stage output) intact.
-        activated = F.relu(self.bn1(x), inplace=True)
+        return self.from_activated(x, F.relu(self.bn1(x), inplace=True))
+
+    def from_activated(self, x: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
+        """The block's output given its input `x` and relu(bn1(x))."""
         out = F.relu(self.bn2(self.conv1(activated)), inplace=True)
         out = self.conv2(out)
         # Identity shortcuts carry the raw input, projections the activated one (as in the suites).
@@ -65,6 +74,15 @@ class WideStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
+
+    def forward_keeping_input_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the group's output, bn1(x) of its first block): the previous stage's pre-activation."""
+        first = self.layer[0]
+        normalised = first.bn1(x)
+        x = first.from_activated(x, F.relu(normalised))  # out of place: `normalised` is kept
+        for block in self.layer[1:]:
+            x = block(x)
+        return x, normalised
 
 
 class WideResNet(Network):
@@ -91,16 +109,27 @@ class WideResNet(Network):
 
         init_suite_weights(self)
 
-    def outputs(self, x: torch.Tensor) -> ModelOutputs:
+    def outputs(self, x: torch.Tensor, with_preact: bool = False) -> ModelOutputs:
         x = self.conv1(x)
-        stages = []
-        for block in (self.block1, self.block2, self.block3):
-            x = block(x)
+        stages, preact = [], []
+        for index, block in enumerate((self.block1, self.block2, self.block3)):
+            if with_preact and index > 0:
+                x, previous = block.forward_keeping_input_preact(x)
+                preact.append(previous)
+            else:
+                x = block(x)
             stages.append(x)
-        x = F.relu(self.bn1(x), inplace=True)
+        normalised = self.bn1(x)
+        preact.append(normalised)
+        # bn1 returns a fresh tensor; out of place when it is kept as the last pre-activation stage.
+        x = F.relu(normalised, inplace=not with_preact)
         # Global pooling equals the suites' avg_pool2d(8) for 32x32 inputs.
         embedding = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return ModelOutputs(logits=self.fc(embedding), embedding=embedding, stages=tuple(stages))
+        return ModelOutputs(logits=self.fc(embedding), embedding=embedding, stages=tuple(stages),
+                            preact_stages=tuple(preact) if with_preact else None)
+
+    def preact_norms(self) -> tuple[nn.BatchNorm2d, ...]:
+        return self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1
 
 
 def wrn_16_1(num_classes: int = 100) -> WideResNet:

@@ -9,6 +9,11 @@ A loss is an `nn.Module` called as `loss(student, teacher, labels, progress)`:
 - it returns `(total, parts)`: the loss to minimise and a dict of unweighted terms, logged as
   `train/<name>`.
 
+A loss that reads several augmented views of each image lists them in `views` (e.g. ("weak",
+"strong"), kdresearch.data.views); it is then given `student` and `teacher` as {view:
+ModelOutputs}, the student run on each view and the teacher's outputs on each (cached per view).
+The others (`views = ()`) see the one training view as above.
+
 Before training, `bind(student, teacher, train_size=N, train_labels=labels)` gets the two models'
 shape facts (`kdresearch.models.Network`) and the training set's size and labels (int64, (N,), in
 the order of `progress.index`; None in unit tests of losses that do not read them): a loss checks
@@ -77,8 +82,10 @@ class TrainingLoss(nn.Module):
 
     needs_teacher: bool = False
     student_features: bool = False  # the student's forward must return ModelOutputs, not logits
-    # ModelOutputs fields read from the teacher: "logits", "embedding", "hidden", "stage<i>".
+    # ModelOutputs fields read from the teacher: "logits", "embedding", "hidden", "stage<i>",
+    # "preact_stage<i>" (the stage before its final ReLU).
     teacher_fields: tuple[str, ...] = ()
+    views: tuple[str, ...] = ()  # several augmented views of each image (module docstring); (): the one view
 
     def bind(self, student: Network, teacher: Optional[Network], *, train_size: int = 0,
              train_labels: Optional[torch.Tensor] = None) -> None:

@@ -90,6 +90,12 @@ class CombinedLoss(TrainingLoss):
             term.ce_weight = 0.0
         self.needs_teacher = any(term.needs_teacher for term in self.terms.values())
         self.student_features = any(term.student_features for term in self.terms.values())
+        # A term reading several views (kdresearch.data.views) makes the batches hold them; the
+        # other terms read the first of them (the weak view, the data's own).
+        views = {term.views for term in self.terms.values() if term.views}
+        if len(views) > 1:
+            raise KDResearchError(f"loss=combine: its terms read different views ({' vs '.join(map(str, views))})")
+        self.views = views.pop() if views else ()
 
     @property
     def first_name(self) -> str:
@@ -119,7 +125,11 @@ class CombinedLoss(TrainingLoss):
         total: Optional[torch.Tensor] = None
         parts: dict[str, torch.Tensor] = {}
         for index, (name, term) in enumerate(self.terms.items()):
-            term_total, term_parts = term(student, teacher, labels, progress)
+            if self.views and not term.views:
+                term_total, term_parts = term(student[self.views[0]], teacher[self.views[0]] if teacher else None,
+                                              labels, progress)
+            else:
+                term_total, term_parts = term(student, teacher, labels, progress)
             weighted = self.weights[name] * term_total
             total = weighted if total is None else total + weighted
             for part, value in term_parts.items():

@@ -10,7 +10,8 @@ to the smaller size,
     G(A, B)_n,j,i = 1 / (H W) * sum_{h,w} B_n,j,h,w * A_n,i,h,w          (N, C_b, C_a)
     fsp = sum_k mean((G(S_k, S_k+1) - G(T_k, T_k+1))^2)                  over consecutive stages k
 
-The student learns the teacher's flow in two stages, as in the paper and RepDistiller:
+The student learns the teacher's flow in two stages, as in the paper and RepDistiller
+(`kdresearch.losses.init_stage`):
 - epochs 1 .. init_epochs: the loss is `fsp` alone; the classifier gets no gradient (it is not in
   the term) and stays as initialised, as RepDistiller's init stage trains only the feature layers;
 - later epochs: ce_weight * CE + distill_weight * fsp. RepDistiller's second stage is CE alone
@@ -36,13 +37,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
-from torch.nn import functional as F
 
-from kdresearch.config import validators
-from kdresearch.errors import KDResearchError
 from kdresearch.losses.at import pool_to_common_size
-from kdresearch.losses.base import WeightedDistillation, pair_error
+from kdresearch.losses.base import pair_error
+from kdresearch.losses.init_stage import InitStageDistillation
 from kdresearch.losses.relations import computed_in_float32
 from kdresearch.models import stage_field
 
@@ -65,7 +63,7 @@ def flow_of_solution_procedure(student_stages: Sequence[torch.Tensor],
     return torch.stack(terms).sum()
 
 
-class FlowOfSolutionProcedure(WeightedDistillation):
+class FlowOfSolutionProcedure(InitStageDistillation):
     """FSP alone for the first `init_epochs` epochs, then ce_weight * CE + distill_weight * FSP;
     module docstring. Owns no parameters."""
 
@@ -73,8 +71,7 @@ class FlowOfSolutionProcedure(WeightedDistillation):
     part_name = "fsp"
 
     def __init__(self, init_epochs: int = 30, ce_weight: float = 1.0, distill_weight: float = 0.0):
-        super().__init__(ce_weight, distill_weight)
-        self.init_epochs = validators.integer("loss.init_epochs", init_epochs, at_least=0)
+        super().__init__(init_epochs, ce_weight, distill_weight)
 
     def bind(self, student, teacher, *, train_size=0, train_labels=None):
         super().bind(student, teacher, train_size=train_size, train_labels=train_labels)
@@ -84,30 +81,8 @@ class FlowOfSolutionProcedure(WeightedDistillation):
         if s_channels != t_channels:
             raise pair_error("fsp", f"FSP compares the matrices channel by channel, so both models need the "
                              f"same stage channels ({s_channels} vs {t_channels})", student, teacher)
-        if self.init_epochs > 0 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # DDP expects a gradient for every parameter at each step; the init stage gives the
-            # classifier none.
-            raise KDResearchError(f"loss=fsp: the init stage (loss.init_epochs={self.init_epochs}) trains without "
-                                  f"the classifier, which distributed training cannot; run it in one process "
-                                  f"or set loss.init_epochs=0")
+        self.check_init_stage()
         self.teacher_fields = tuple(stage_field(i) for i in range(len(t_channels)))
 
     def distillation_term(self, student, teacher, progress=None):
         return flow_of_solution_procedure(student.stages, teacher.stages)
-
-    def check_epochs(self, epochs: int) -> None:
-        if epochs <= self.init_epochs:
-            raise KDResearchError(f"loss=fsp: loss.init_epochs={self.init_epochs} leaves none of the "
-                                  f"{epochs} epochs to train the classifier; set epochs above "
-                                  f"{self.init_epochs} or lower loss.init_epochs")
-
-    def forward(self, student, teacher, labels, progress=None):
-        if progress is None:
-            raise KDResearchError("loss=fsp needs the epoch (progress) to tell its init stage from the "
-                                  "classification stage; the trainer passes it, a direct call must too")
-        self.check_epochs(progress.epochs)
-        if progress.epoch > self.init_epochs:
-            return super().forward(student, teacher, labels, progress)
-        fsp = self.distillation_term(student, teacher, progress)
-        # The classifier's CE is shown for comparison with the second stage; it is not trained.
-        return fsp, {"ce": F.cross_entropy(student.logits.detach(), labels), "fsp": fsp}

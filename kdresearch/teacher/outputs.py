@@ -44,9 +44,10 @@ import torch
 from torch import nn
 
 from kdresearch.data.splits import Dataset
+from kdresearch.data.views import WEAK, view_cache_tag
 from kdresearch.errors import KDResearchError
 from kdresearch.layout import PROJECT_ROOT
-from kdresearch.models import ModelOutputs, assemble_outputs, select_fields
+from kdresearch.models import ModelOutputs, assemble_outputs, field_stage_index, select_fields
 from kdresearch.runtime import devices, interrupts
 from kdresearch.runtime.locks import InterruptibleLock
 from kdresearch.training.checkpoint import load_checkpoint, save_checkpoint
@@ -117,8 +118,8 @@ def sample_shapes(teacher: nn.Module, fields: tuple[str, ...]) -> dict[str, tupl
     """Shape of one sample's value of each field, from the teacher's shape facts (for its `image_size`)."""
     shapes = {}
     for field in fields:
-        if field.startswith("stage"):
-            index = int(field[len("stage"):])
+        index = field_stage_index(field)  # a stage before or after its final ReLU: the same shape
+        if index is not None:
             size = teacher.stage_sizes[index]
             shapes[field] = (teacher.stage_channels[index], size, size)
         else:
@@ -306,8 +307,9 @@ class ViewsTeacher:
     used_cache = True
 
     def __init__(self, teacher: nn.Module, fields: tuple[str, ...], data: Dataset, device: torch.device,
-                 precision: str, channels_last: bool, augment_seed: int, path_of_epoch, max_gb: float):
-        self.teacher, self.fields, self.data = teacher, fields, data
+                 precision: str, channels_last: bool, augment_seed: int, path_of_epoch, max_gb: float,
+                 view: str = WEAK):
+        self.teacher, self.fields, self.data, self.view = teacher, fields, data, view
         self.device, self.precision, self.channels_last = device, precision, channels_last
         self.augment_seed, self.path_of_epoch, self.max_gb = augment_seed, path_of_epoch, max_gb
         self.expected = entry_shapes(teacher, fields, data.train_size)
@@ -318,6 +320,9 @@ class ViewsTeacher:
         batches = self.data.batches("train", 256, self.device, channels_last=self.channels_last, augment=True,
                                     augment_seed=self.augment_seed)
         batches.set_epoch(epoch)
+        if self.view != WEAK:  # another view of each image (kdresearch.data.views) than the data's own
+            batches.request_views((self.view,))
+            batches = ((images[self.view], labels, index) for images, labels, index in batches)  # made when read
         outputs = _cached(self.path_of_epoch(epoch), self.expected,
                           lambda: _compute(self.teacher, self.fields, batches, self.device, self.precision,
                                            self.counts),
@@ -332,11 +337,39 @@ class ViewsTeacher:
         return self.current(images, index)
 
 
+class PerViewTeacher:
+    """The teacher's outputs on each of several views of a batch (kdresearch.data.views): one
+    online, cached or per-epoch provider per view, their counts added up."""
+
+    def __init__(self, providers: dict):
+        self.providers = providers
+        self.counts = TeacherCounts()
+        for provider in providers.values():  # before any epoch: a ViewsTeacher hands its counts on then
+            self.counts.forwards += provider.counts.forwards
+            self.counts.cache_hits += provider.counts.cache_hits
+            provider.counts = self.counts
+
+    @property
+    def used_cache(self) -> bool:
+        return all(provider.used_cache for provider in self.providers.values())
+
+    def start_epoch(self, epoch: int) -> None:
+        for provider in self.providers.values():
+            provider.start_epoch(epoch)
+
+    def __call__(self, images: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, ModelOutputs]:
+        return {view: self.providers[view](images[view], index) for view in self.providers}
+
+
 def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, device: torch.device,
                     precision: str, channels_last: bool, augment: bool, cache_cfg, augment_seed: int = 0,
-                    epochs: int = 1):
+                    epochs: int = 1, views: tuple[str, ...] = (), view: str = WEAK):
     """What the loss reads from the teacher for this job: an `OnlineTeacher`, a `CachedTeacher`
-    (built or read from disk) or, with augmentation, a `ViewsTeacher` (one entry per epoch)."""
+    (built or read from disk) or, with augmentation, a `ViewsTeacher` (one entry per epoch) of
+    `view`; for a loss reading several `views`, a `PerViewTeacher` of one such per view."""
+    if views:
+        return PerViewTeacher({name: teacher_outputs(teacher, fields, data, device, precision, channels_last, augment,
+                                                     cache_cfg, augment_seed, epochs, view=name) for name in views})
     reason = None
     size_gb = cache_entry_bytes(teacher, fields, data.train_size, precision) / 1e9
     if not cache_cfg.enabled:
@@ -356,9 +389,10 @@ def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, 
                      cache_cfg.max_gb)
         log.info("teacher outputs: computed once per epoch of augmented views (augmentation seed %d) and shared",
                  augment_seed)
+        tag = view_cache_tag(view)  # "" for the weak view: its entries are every augmented job's
         return ViewsTeacher(teacher, fields, data, device, precision, channels_last, augment_seed,
-                            lambda epoch: folder / f"{key}-views{augment_seed}-epoch{epoch}-{'-'.join(fields)}.pt",
-                            cache_cfg.max_gb)
+                            lambda epoch: folder / f"{key}-views{augment_seed}{tag}-epoch{epoch}-{'-'.join(fields)}.pt",
+                            cache_cfg.max_gb, view)
     path = folder / f"{key}-{'-'.join(fields)}.pt"
     expected = entry_shapes(teacher, fields, data.train_size)
     batches = data.batches("train", 256, device, channels_last=channels_last)
