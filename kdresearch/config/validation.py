@@ -27,6 +27,7 @@ from kdresearch.config.groups import build
 from kdresearch.config.validators import integer, name, number, switch
 from kdresearch.data import synthetic
 from kdresearch.data.splits import check_limit, check_normalisation, check_num_classes
+from kdresearch.data.views import check_views
 from kdresearch.errors import KDResearchError, first_line
 from kdresearch.losses.base import temperature
 from kdresearch.losses.combine import build_loss
@@ -178,6 +179,7 @@ def build_on_stand_ins(cfg: DictConfig) -> None:
     stand-in parameter, so that the checks their constructors make run now (their errors name the group: `teacher.optimizer: ...`)."""
     loss = build_loss(cfg.loss)
     loss.check_epochs(cfg.epochs)
+    check_views(cfg.loss.name, loss.views, bool(cfg.data.augment), str(cfg.data.get("_target_", "")))
     for prefix, epochs in (("", cfg.epochs), ("teacher.", cfg.teacher.epochs)):
         optimizers.check_split(OmegaConf.select(cfg, f"{prefix}optimizer"), loss, cfg.loss.name,
                                f"{prefix}optimizer")

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 import torch
 
 from kdresearch.data.augmentation import crop_flip, view_parameters
+from kdresearch.data.views import ViewMaker
+from kdresearch.errors import KDResearchError
 
 if TYPE_CHECKING:
     from kdresearch.data.splits import ImageData
@@ -31,8 +33,11 @@ class Normalizer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True).float()
-        return (images * self.scale + self.shift).contiguous(memory_format=self.memory_format)
+        # A float copy, scaled and shifted in place: the same two roundings as `x * scale + shift`
+        # without two more batch-sized floats. On this CPU 0.46 instead of 1.05 ms per 224 px image,
+        # 0.15-0.18 instead of 0.22-0.29 where freed memory is reused (device.keep_freed_memory).
+        images = images.to(self.device, non_blocking=True).to(torch.float32, copy=True)
+        return images.mul_(self.scale).add_(self.shift).contiguous(memory_format=self.memory_format)
 
 
 def batch_indices(count: int, batch_size: int, order: Optional[torch.Tensor],
@@ -55,8 +60,11 @@ class Batches:
     training run's checkpoint. None means the stored order (evaluation). With `shard=(rank, size)`
     each of `size` data-parallel processes draws the same permutation and takes every size-th
     sample of each global batch, so `batch_size` stays the global batch size. With `augment`,
-    each image is seen as its view of the current epoch (`set_epoch`, see `view_parameters`).
+    each image is seen as its view of the current epoch (`set_epoch`, see `view_parameters`);
+    after `request_views`, as each of several views (kdresearch.data.views).
     """
+
+    view_maker: Optional[ViewMaker] = None  # the views a loss reads, when it reads several
 
     def __init__(self, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float], batch_size: int,
                  device: torch.device, generator: Optional[torch.Generator] = None,
@@ -83,11 +91,26 @@ class Batches:
         """This epoch's view parameters of every sample (None without augmentation)."""
         return view_parameters(len(self.labels), self.augment_seed, self.epoch) if self.augment else None
 
+    def request_views(self, views: tuple[str, ...]) -> None:
+        """Yield each batch's images as {view: normalised images} for these views of each image
+        (kdresearch.data.views); they are drawn here, on batches, from the stored images."""
+        if not self.augment or self.views() is None:
+            raise KDResearchError(f"the views {', '.join(views)} of each image are drawn on batches of stored images; "
+                                  f"this data set draws its training views in its DataLoader workers" if self.augment
+                                  else f"the views {', '.join(views)} need augmented batches (data.augment=true)")
+        self.view_maker = ViewMaker(views, len(self.labels))
+
     def finish(self, images: torch.Tensor, index: torch.Tensor, views: Optional[tuple[torch.Tensor, ...]]):
-        """(normalised images, labels, index) of one batch of uint8 images."""
+        """(normalised images, labels, index) of one batch of uint8 images; the images are
+        {view: normalised images} after `request_views`."""
+        stored = images
         if views is not None:
             images = crop_flip(images, *(choice[index] for choice in views))
-        return self.normalize(images), self.labels[index].to(self.device, non_blocking=True), index
+        labels = self.labels[index].to(self.device, non_blocking=True)
+        if self.view_maker is not None:
+            made = self.view_maker(stored, images, index, self.augment_seed, self.epoch)
+            return {view: self.normalize(pixels) for view, pixels in made.items()}, labels, index
+        return self.normalize(images), labels, index
 
 
 class BatchIterator(Batches):

@@ -53,10 +53,11 @@ class TeacherInUse:
 def provide_teacher(cfg: DictConfig, teacher: nn.Module, fields: tuple[str, ...], data: Dataset,
                     data_fingerprint: str, tracker, folder: JobFolder, world: distributed.World,
                     device: torch.device, memory_format: torch.memory_format, augment_seed: int,
-                    pinned_run_id: Optional[str], train_job: TrainJob) -> TeacherInUse:
+                    pinned_run_id: Optional[str], train_job: TrainJob, views: tuple[str, ...] = ()) -> TeacherInUse:
     """Fill the teacher architecture `teacher` (built and bound to the loss) with trained weights and
-    prepare the `fields` the loss reads from it. `pinned_run_id` (a resumed job's teacher) wins
-    over the automatic search, so a continuation never switches to a newer teacher."""
+    prepare the `fields` the loss reads from it (on each of `views`, for a loss reading several).
+    `pinned_run_id` (a resumed job's teacher) wins over the automatic search, so a continuation
+    never switches to a newer teacher."""
     with torch.random.fork_rng(devices=[]):  # the student's RNG stream stays untouched
         source = _weights_on_every_rank(cfg, teacher, data_fingerprint, tracker, folder, world,
                                         pinned_run_id, train_job)
@@ -64,7 +65,7 @@ def provide_teacher(cfg: DictConfig, teacher: nn.Module, fields: tuple[str, ...]
         digest = weight_digest(teacher)
         teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
         outputs = teacher_outputs(teacher, fields, data, device, cfg.device.precision, cfg.device.channels_last,
-                                  data.augment, cfg.cache, augment_seed, cfg.epochs)
+                                  data.augment, cfg.cache, augment_seed, cfg.epochs, views)
     return TeacherInUse(teacher, outputs, source, digest)
 
 

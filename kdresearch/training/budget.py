@@ -51,14 +51,15 @@ class Budget:
         }
 
     def metrics(self, totals: dict[str, float], epochs: int, steps_per_epoch: int, train_images: int,
-                augmented: bool) -> dict[str, float]:
-        """The run's `budget/*` metrics after `epochs` epochs, from `totals` (Budget.totals)."""
+                augmented: bool, views: int = 1) -> dict[str, float]:
+        """The run's `budget/*` metrics after `epochs` epochs, from `totals` (Budget.totals); `views`:
+        the augmented views of each image a step trains on (2 for a weak and a strong view)."""
         wall_hours = totals["wall_seconds"] / 3600
         return {f"{PREFIX}{key}": float(value) for key, value in {
             "epochs": epochs,
             "steps": epochs * steps_per_epoch,  # optimizer steps (every rank takes each of them)
             "images": epochs * train_images,  # training images seen, over all ranks
-            "views_per_image": epochs if augmented else 1,  # a fresh augmented view per epoch
+            "views_per_image": epochs * views if augmented else 1,  # fresh augmented views every epoch
             "teacher_forwards": totals["teacher_forwards"],  # images the teacher ran forward on
             "teacher_cache_hits": totals["teacher_cache_hits"],  # images whose outputs came from the cache
             "wall_hours": wall_hours,

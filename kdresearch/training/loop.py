@@ -27,7 +27,11 @@ def seed_everything(seed: int) -> None:
 
 
 def forward(model: nn.Module, images: torch.Tensor, with_features: bool) -> ModelOutputs:
+    """The model's outputs as a loss reads them; {view: outputs} for a batch of several views
+    (`model` is then a kdresearch.data.views.ViewsForward)."""
     out = model(images, with_features=with_features)
+    if isinstance(out, dict):
+        return {view: value if with_features else ModelOutputs(value) for view, value in out.items()}
     return out if with_features else ModelOutputs(out)
 
 
