@@ -130,11 +130,21 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         path = self.files[index]
         try:
-            with open_image(path) as image:
-                pixels = np.array(self.transform(image.convert("RGB"), index, self.epoch, self.augment_seed))
+            pixels = self.transform(self.decode(path), index, self.epoch, self.augment_seed)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             raise KDResearchError(f"cannot read image {path} ({error})") from None
-        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # HWC -> CHW
+        return self.to_tensor(pixels)
+
+    @staticmethod
+    def decode(path: Path) -> Image.Image:
+        """The file's pixels as an RGB image."""
+        with open_image(path) as image:
+            return image.convert("RGB")
+
+    @staticmethod
+    def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+        """HWC uint8 pixels -> the (3, H, W) uint8 tensor a worker returns."""
+        return torch.from_numpy(np.array(pixels)).permute(2, 0, 1).contiguous()
 
 
 def _worker_error_line(error: Exception) -> str:

@@ -1,20 +1,30 @@
-"""Data-parallel training under torchrun (DDP): which process is which, and what they share.
+"""Data-parallel training under torchrun or srun (DDP): which process is which, and what they share.
 
 `torchrun --nproc_per_node=N train.py ...` starts N copies of the job; torch.distributed's env
-variables (RANK, WORLD_SIZE, LOCAL_RANK) tell them apart. Every rank trains on its share of each
-global batch (so `batch_size` stays the global batch size) and DDP averages the gradients; rank 0
-alone talks to MLflow, writes checkpoints and prints. A single process is the world of size 1,
-so the trainer has one code path.
+variables (RANK, WORLD_SIZE, LOCAL_RANK) tell them apart. Under SLURM (`hydra/launcher=slurm`),
+`srun` starts one task per GPU instead and SLURM's variables say the same (`slurm_env` maps them).
+Every rank trains on its share of each global batch (so `batch_size` stays the global batch size)
+and DDP averages the gradients; rank 0 alone talks to MLflow, writes checkpoints and prints. A
+single process is the world of size 1, so the trainer has one code path.
+
+`torchrun --max-restarts=N` starts every rank again when one fails; the restarted ranks know it
+(`World.restart`) and continue the job from its newest complete checkpoint
+(kdresearch.training.resume).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
+
+from kdresearch.errors import KDResearchError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +34,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    restart: int = 0  # torchrun's restarts of the job's processes so far (--max-restarts); 0: the first start
 
     @property
     def is_main(self) -> bool:
@@ -35,16 +46,92 @@ class World:
 
 
 def init(device_type: str) -> World:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); world of 1 otherwise."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the process group of the job's processes (gloo on CPU, nccl on CUDA): torchrun's, or
+    the tasks srun started (`slurm_env`); a world of 1 otherwise."""
+    for key, value in slurm_env(os.environ).items():
+        os.environ.setdefault(key, value)
+    size, restart = int(os.environ.get("WORLD_SIZE", "1")), restart_count(os.environ)
     if size == 1:
-        return World()
-    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+        return World(restart=restart)
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")), restart)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", **_attempt_store(world))
     if not world.is_main:
         logging.getLogger("kdresearch").setLevel(logging.WARNING)  # one console voice: rank 0
     return world
+
+
+# --- torchrun's restarts --------------------------------------------------------------------------
+
+def restart_count(env: Mapping[str, str]) -> int:
+    """How many times torchrun has restarted the job's processes (TORCHELASTIC_RESTART_COUNT)."""
+    return int(env.get("TORCHELASTIC_RESTART_COUNT") or 0)
+
+
+def check_restartable(run_dir_setting: str, env: Mapping[str, str]) -> None:
+    """A job torchrun may restart (--max-restarts) must find its folder again at every start:
+    Hydra's default run folder, named by the time of the start (`${now:...}`), would be a new one."""
+    if int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0 and "${now:" in run_dir_setting:
+        raise KDResearchError(
+            f"torchrun --max-restarts: give the job's folder, e.g. hydra.run.dir=outputs/my-job (the same on "
+            f"every node); a restart continues the job from its newest checkpoint there, and hydra.run.dir="
+            f"{run_dir_setting} names a new folder at every start"
+        )
+
+
+def _attempt_store(world: World) -> dict:
+    """init_process_group's store for this start of the job. torchrun's agent serves one store for
+    every start (TORCHELASTIC_USE_AGENT_STORE), and a restart would read the addresses the failed
+    start's ranks left there (gloo then connects to ports nobody listens on): each start keeps its
+    keys under a prefix of its own. {} (torch's env:// rendezvous) elsewhere."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    from torch.distributed.constants import default_pg_timeout
+
+    shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                           timeout=default_pg_timeout)
+    return {"store": dist.PrefixStore(f"kdresearch/start_{world.restart}", shared), "rank": world.rank,
+            "world_size": world.size}
+
+
+# --- srun's tasks ---------------------------------------------------------------------------------
+
+SLURM_PORT_BASE = 20000  # MASTER_PORT from the job id: 20000-29999, below Linux's ephemeral ports
+
+
+def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
+    """torch.distributed's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) of a
+    task that srun started as one of several (one per GPU: `hydra/launcher=slurm`), from SLURM's:
+    SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the first node of the step's node list
+    (where srun places task 0) and a port drawn from SLURM_JOB_ID (the same on every node, and
+    different for jobs sharing a node). {} under torchrun (its variables win), outside SLURM,
+    and in a step of one task, such as the batch script itself (SLURM_NTASKS counts the job's
+    tasks there, not the step's)."""
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or 1)
+    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env or tasks <= 1:
+        return {}
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodes:
+        raise KDResearchError("srun started this task as one of several, but SLURM_STEP_NODELIST and "
+                              "SLURM_JOB_NODELIST are unset: cannot tell where rank 0 runs")
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": str(tasks),
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_node(nodes),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID") or 0) % 10000),
+    }
+
+
+def first_node(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[007-010,012],cpu1" -> "gpu007" (the padding kept),
+    "rack[2-3]-n[01-04]" -> "rack2-n01"."""
+    match = re.match(r"([^\[,]*)(?:\[([^\]]*)\])?(.*)", nodelist.strip())
+    prefix, ranges, rest = match.groups()
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first + (first_node(rest) if rest and not rest.startswith(",") else "")
 
 
 def device_for(world: World, device: torch.device) -> torch.device:

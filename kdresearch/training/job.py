@@ -25,6 +25,7 @@ import copy
 import itertools
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from kdresearch.config.identity import config_identity, identity_hash
 from kdresearch.config.naming import run_name
 from kdresearch.config.validation import check_config
 from kdresearch.data.splits import Dataset
+from kdresearch.data.views import views_forward
 from kdresearch.errors import KDResearchError
 from kdresearch.layout import CHECKPOINT_DIR, EPOCH_CHECKPOINTS, JobFolder
 from kdresearch.losses.base import TrainingLoss
@@ -72,8 +74,12 @@ def run(cfg: DictConfig, output_dir: Optional[Path] = None) -> float:
     with data.val_size > 0 (a search must not select on the test set), else its test/acc."""
     if output_dir is None:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
-        output_dir = Path(HydraConfig.get().runtime.output_dir)
+        hydra = HydraConfig.get()
+        folder = OmegaConf.to_container(hydra.run if hydra.mode == RunMode.RUN else hydra.sweep)  # unresolved
+        distributed.check_restartable(folder["dir"], os.environ)
+        output_dir = Path(hydra.runtime.output_dir)
     try:
         return run_job(cfg, Path(output_dir), overrides=_hydra_overrides(), sweep=_hydra_sweep()).objective
     finally:
@@ -201,7 +207,7 @@ def teacher_for(job: Job, pair: Pair, data: Dataset, fingerprint: str, folder: J
 
     return provide_teacher(job.cfg, pair.teacher, pair.loss_fn.teacher_fields, data, fingerprint, job.tracker,
                            folder, runtime.world, runtime.device, runtime.memory_format, job.augment_seed, pinned,
-                           train_job=train_teacher_job)
+                           train_job=train_teacher_job, views=pair.loss_fn.views)
 
 
 # --- resumed, epochs ------------------------------------------------------------------------------
@@ -225,6 +231,8 @@ class Training:
         self.train_batches = data.batches("train", cfg.batch_size, device, generator=self.data_order,
                                           channels_last=channels_last, augment=data.augment,
                                           shard=(world.rank, world.size), augment_seed=job.augment_seed)
+        if self.loss_fn.views:  # a loss reading several views of each image (kdresearch.data.views)
+            self.train_batches.request_views(self.loss_fn.views)
         self.test_batches = data.batches("test", data.eval_batch_size, device, channels_last=channels_last)
         self.val_batches = (data.batches("val", data.eval_batch_size, device, channels_last=channels_last)
                             if data.has_validation else None)
@@ -271,7 +279,7 @@ class Training:
                    point: Optional[resume.ResumePoint]) -> Optional[dict]:
         """Train the remaining epochs; returns the last checkpoint state (rank 0)."""
         cfg, world, device = self.cfg, self.runtime.world, self.runtime.device
-        trained = distributed.wrap(world, self.student, device)
+        trained = distributed.wrap(world, views_forward(self.student, self.loss_fn.views), device)
         trained = torch.compile(trained) if cfg.device.compile else trained
         loss_call = distributed.wrap(world, self.loss_fn, device)
         outputs = self.teacher.outputs if self.teacher is not None else None
@@ -432,7 +440,8 @@ def finish(job: Job, tracked, training: Training, state: dict, folder: JobFolder
         if training.teacher is not None:
             tracked.set_tags({names.TEACHER_CACHE: "used" if training.teacher.outputs.used_cache else "online"})
         tracked.log_metrics(training.budget.metrics(totals, state["epoch"], len(training.train_batches),
-                                                    training.train_size, training.augmented), step=state["epoch"])
+                                                    training.train_size, training.augmented,
+                                                    views=max(len(training.loss_fn.views), 1)), step=state["epoch"])
     return final
 
 

@@ -3,7 +3,9 @@
 A job continues an earlier attempt in two ways. `resume=` names the job's folder (Hydra's run
 folder, outputs/<date>/<time>) or its MLflow run id; the run records its folder in the tag
 `output_dir`. A sweep run again in its folder (`hydra.sweep.dir=<old folder>`) finds each
-configuration's earlier run among its parent run's children (tag `config_hash`). Then:
+configuration's earlier run among its parent run's children (tag `config_hash`). A job that
+torchrun restarted (--max-restarts: a rank failed) continues in its own folder, as with
+`resume=<its folder>`, without a person; afresh when the failed start left nothing there. Then:
 
 - the run FINISHED: nothing is trained and the run is not reopened (its metrics are complete;
   training again from an older checkpoint, when the newest is damaged, would log epochs twice);
@@ -94,6 +96,8 @@ def job_start(resume_spec: Optional[str], output_dir: Path, identity: dict, trac
             decided = _resumed(str(resume_spec), identity, tracker)
         elif sweep_parent_run_id:
             decided = _continued_in_sweep(output_dir, sweep_parent_run_id, identity, tracker)
+        elif world.restart:
+            decided = _restarted(output_dir, identity, tracker, world.restart)
         else:
             decided = JobStart(output_dir)
     except KDResearchError as error:
@@ -120,6 +124,17 @@ def _resumed(spec: str, identity: dict, tracker) -> JobStart:
     except NoCompleteCheckpoint as missing:
         return _started_again(spec, missing, identity, tracker)
     return _from_checkpoint(point, identity, tracker)
+
+
+def _restarted(output_dir: Path, identity: dict, tracker, restart: int) -> JobStart:
+    """torchrun started the job's processes again: continue the job in its folder like
+    `resume=<folder>`; afresh when the failed start stopped before it trained or tracked anything."""
+    folder = JobFolder(output_dir)
+    if not (job_started(folder, tracker) or job_started(folder.teacher, tracker)):
+        log.info("torchrun restart %d: the job had not started in %s; starting it", restart, folder.path)
+        return JobStart(output_dir)
+    log.info("torchrun restart %d: continuing the job in %s", restart, folder.path)
+    return _resumed(str(folder.path), identity, tracker)
 
 
 def _continued_in_sweep(output_dir: Path, parent_run_id: str, identity: dict, tracker) -> JobStart:
