@@ -393,9 +393,9 @@ from kdresearch.models import DeepNN, LightNN
 
 rank, store, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
-loss = ContrastiveRepresentationDistillation(nce_k=8, feat_dim=4, negatives="uniform")
+loss = ContrastiveRepresentationDistillation(nce_k=8, feat_dim=4)
 torch.manual_seed(0)
-loss.bind(LightNN(), DeepNN(), train_size=50)
+loss.bind(LightNN(), DeepNN(), train_size=50, train_labels=torch.arange(50) % 10)
 gen = torch.Generator().manual_seed(1)
 student, teacher = torch.randn(7, 256, generator=gen), torch.randn(7, 512, generator=gen)
 index = torch.randperm(50, generator=gen)[:7]
