@@ -20,11 +20,13 @@ Negatives are drawn as the paper's CIFAR-100 code draws them by default (`negati
 RepDistiller's `CIFAR100InstanceSample`, mode 'exact'): for each anchor, K distinct samples of the
 other classes (without replacement; the anchor's own class never). `negatives=uniform` draws them
 uniformly over the whole training set with replacement, the positive's class and the positive itself
-possible, which is what ContrastMemory does when it is given no indices (RepDistiller's ImageNet
-setting); on CIFAR-100 a uniform draw hits the anchor's class 1 % of the time, on a 10-class set 10 %.
-The exact draw keys every training sample per anchor and keeps the top nce_k: on a 2-core CPU,
+possible, which is what ContrastMemory does when it is given no indices; on CIFAR-100 a uniform
+draw hits the anchor's class 1 % of the time, on a 10-class set 10 %. The exact draw keys every
+training sample per anchor and keeps the top nce_k: a (B, n) float tensor per step, on a 2-core CPU
 108 ms per batch of 64 for CIFAR's 50,000 samples and K 16,384 (the uniform draw: 6 ms), where the
-paper's data loader spends a permutation of the others per sample in its workers.
+paper's data loader spends a permutation of the others per sample in its workers. At ImageNet's
+1.28 M samples that is 5 MB of keys per anchor (B is each process's share of the batch under DDP):
+fine on a GPU, slow on a CPU, where `negatives=uniform` is the cheap choice.
 
 Under DDP each rank scores its own share of the batch; the bank update gathers every rank's rows
 first, so all ranks apply the same update and the banks stay identical (DDP would otherwise

@@ -39,7 +39,10 @@ batch), connector kernel 1. Their own runs train 200 epochs at lr 0.1 (batch 128
 lr / 10 at 100 and 150); mdistiller's table uses its common 240-epoch recipe (lr 0.05, batch 64,
 milestones 150/180/210). The authors' training loop leaves the teacher in training mode, so its
 BatchNorms normalise with batch statistics and their running averages drift during distillation;
-here the teacher is frozen in eval mode, as in mdistiller.
+mdistiller's OFD does the same (its `train()` override leaves out `teacher.eval()`). Here the teacher
+is frozen in eval mode, as for every method. The margins come from the BatchNorms of the teacher's
+paired stages; mdistiller zips the teacher's norms from its first stage onwards with the aligned
+last stages, which differs only when the teacher has more stages than the student.
 
 Logged parts: "ce" and "ofd" (unweighted).
 """
@@ -68,14 +71,16 @@ def margin_from_norm(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     probability <= 0.001 (module docstring). In float64 as the authors' per-channel Python floats,
     returned as float32. A zero weight (a channel its BN switched off) counts as a tiny std, which
     gives the limits: the bias when it is negative, 0 otherwise."""
-    std = weight.detach().double().abs().clamp_min(1e-12)
-    mean = bias.detach().double()
+    # On the CPU: float64 is not on every device (MPS has none); the margins are per channel, tiny.
+    std = weight.detach().cpu().double().abs().clamp_min(1e-12)
+    mean = bias.detach().cpu().double()
     ratio = mean / std
     negative_mass = torch.special.ndtr(-ratio)
     density = torch.exp(-ratio.pow(2) / 2) / math.sqrt(2 * math.pi)
     # Where the negative mass is tiny the division may overflow; `where` picks -3 std there.
     expected_negative = mean - std * density / negative_mass.clamp_min(NEGATIVE_MASS_FLOOR)
-    return torch.where(negative_mass > NEGATIVE_MASS_FLOOR, expected_negative, -3 * std).float()
+    margin = torch.where(negative_mass > NEGATIVE_MASS_FLOOR, expected_negative, -3 * std)
+    return margin.float().to(weight.device)
 
 
 def partial_l2(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
