@@ -20,6 +20,7 @@ session (MLflow's schema migrations cost seconds per new SQLite file).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import itertools
 import logging
@@ -56,6 +57,14 @@ _session: dict[str, Path] = {}
 
 
 # --- MLflow stores ----------------------------------------------------------------------------------
+
+def load_script(name: str):
+    """scripts/<name>.py as a module, so a test calls its main() or parse_args() in process."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def tracking_uri(store: Path) -> str:
     return f"sqlite:///{Path(store).resolve() / 'mlflow.db'}"

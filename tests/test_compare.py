@@ -9,7 +9,6 @@ seeds 42 and 43, student KD at seed 42 (sweep "sweep-a"), and a multimargin stud
 from __future__ import annotations
 
 import csv
-import importlib.util
 import statistics
 import sys
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 from browser import UI_TIMEOUT_MS, browser_page, mlflow_ui, require_browser
-from conftest import FAST, REPO_ROOT, compose_job, run_command
+from conftest import FAST, REPO_ROOT, compose_job, load_script, run_command
 from mlflow.tracking import MlflowClient
 
 from kdresearch.errors import KDResearchError
@@ -237,9 +236,7 @@ def test_compare_script(compared, tmp_path, capsys):
     script = REPO_ROOT / "scripts" / "compare.py"
     done = run_command([sys.executable, str(script), "--help"], timeout=120)
     assert done.returncode == 0 and "--sweep" in done.stdout and "--run-ids" in done.stdout
-    spec = importlib.util.spec_from_file_location("compare_script", script)
-    compare_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare_script)
+    compare_script = load_script("compare")
     out = tmp_path / "cli"
     status = compare_script.main(["--tracking-uri", compared.uri, "--sweep", "sweep-a", "--out", str(out),
                                   "--name", "comparison-cli"])

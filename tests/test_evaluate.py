@@ -5,12 +5,11 @@ read back from a temporary MLflow store; and the one-line errors."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 
 import pytest
 import torch
-from conftest import FAST, REPO_ROOT, compose_job, tracking_uri
+from conftest import FAST, compose_job, load_script, tracking_uri
 from mlflow.tracking import MlflowClient
 
 from kdresearch.reports.evaluation import confusion_matrix, per_class_accuracy
@@ -20,14 +19,7 @@ from kdresearch.training.job import run_job
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", REPO_ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_script = load_script()
+evaluate_script = load_script("evaluate")
 
 
 # --- the numbers ----------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO_ROOT, compose_config, experiment_runs, mlflow_client, tracking_uri, train_in_process
+from conftest import FAST, compose_config, experiment_runs, load_script, mlflow_client, tracking_uri, train_in_process
 from mlflow.entities import Metric
 from safetensors.torch import load_file, save_file
 
@@ -36,14 +35,7 @@ CE_FILES = {"README.md", "weights.safetensors", "config.yaml", "command.txt", "m
             "SHA256SUMS"}
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("export_script", REPO_ROOT / "scripts" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export_script = load_script()
+export_script = load_script("export")
 
 
 def export(store: Path, run_id: str, out: Path, *options: str, capsys=None) -> tuple[int, str, str]:

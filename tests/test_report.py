@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import importlib.util
 import math
 import statistics
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from browser import UI_TIMEOUT_MS, browser_page, mlflow_ui, require_browser
-from conftest import REPO_ROOT, check_ok, compose_config, job_overrides, new_store, tracking_uri, train_in_process
+from conftest import check_ok, compose_config, job_overrides, load_script, new_store, tracking_uri, train_in_process
 from mlflow.tracking import MlflowClient
 
 from kdresearch.reports import html_report
@@ -257,15 +256,8 @@ def _csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("report_script", REPO_ROOT / "scripts" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_report_script(sweep, tmp_path, capsys):
-    script = _script()
+    script = load_script("report")
     with pytest.raises(SystemExit) as done:
         script.main(["--help"])
     assert done.value.code == 0 and "SWEEP_OR_BENCHMARK" in capsys.readouterr().out

@@ -4,14 +4,13 @@ the comparison and benchmark tables built from fabricated runs with 1, 2 and 5 s
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import statistics
 import warnings
 from types import SimpleNamespace
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import load_script
 from matplotlib.figure import Figure
 from scipy import stats
 
@@ -275,10 +274,7 @@ def test_kd_reference_is_chosen_by_name():
     assert rows["light-kd"].vs_baseline == paired_difference(list(KD.values()), list(CE.values()))
     with pytest.raises(KDResearchError, match="KD reference 'light-x' is none of the compared runs"):
         build_rows(records, kd_reference="light-x")
-    script = REPO_ROOT / "scripts" / "compare.py"
-    spec = importlib.util.spec_from_file_location("compare_script", script)
-    compare_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare_script)
+    compare_script = load_script("compare")
     assert compare_script.parse_args(["--kd-reference", "light-dkd"]).kd_reference == "light-dkd"
 
 
