@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import datetime
 import html
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Iterable, Optional, Sequence
 from kdresearch.errors import KDResearchError, first_line
 from kdresearch.reports.compare import Comparison, Headline, Row, budget_note, compare, headline, table_grid
 from kdresearch.reports.statistics import Difference, format_p, seed_count
-from kdresearch.sweeps.parent_runs import PARENT_FILE, children, latest_per_configuration, recorded_parent
+from kdresearch.sweeps.parent_runs import PARENT_FILE, children, latest_per_configuration, parent_record
 from kdresearch.tracking import names
 from kdresearch.tracking.store import Tracker, check_uri, default_tracking_uri
 from kdresearch.training.budget import PREFIX as BUDGET_PREFIX
@@ -87,12 +86,11 @@ def _target_run(target: str, tracking_uri: Optional[str]) -> tuple[str, str]:
     PARENT_FILE (whose store is then the default)."""
     folder = Path(target).expanduser()
     if folder.is_dir():
-        run_id = recorded_parent(folder)
-        if run_id is None:
+        record = parent_record(folder)
+        if record is None:
             raise KDResearchError(f"{folder} holds no {PARENT_FILE}: give the folder of a sweep or benchmark, "
                                   f"or its parent run id")
-        recorded_uri = json.loads((folder / PARENT_FILE).read_text()).get("tracking_uri")
-        return run_id, tracking_uri or recorded_uri or default_tracking_uri()
+        return record["run_id"], tracking_uri or record.get("tracking_uri") or default_tracking_uri()
     if "/" in target or folder.exists():
         raise KDResearchError(f"{target} is no folder: give the folder of a sweep or benchmark, or its parent run id")
     return target, tracking_uri or default_tracking_uri()

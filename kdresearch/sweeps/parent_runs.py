@@ -56,10 +56,10 @@ def parent_run_id(sweep_dir: Optional[str] = None) -> Optional[str]:
     return (recorded_parent(Path(sweep_dir)) if sweep_dir else None) or os.environ.get(PARENT_ENV) or None
 
 
-def recorded_parent(folder: Path) -> Optional[str]:
-    """The parent run id that `folder`'s PARENT_FILE records (None without the file); a file that
-    is not such a record is refused in one line rather than replaced: it may be the only link from
-    the folder's jobs to their parent."""
+def parent_record(folder: Path) -> Optional[dict]:
+    """What `folder`'s PARENT_FILE records: {"run_id": ..., "tracking_uri": ...} (None without the
+    file); a file that is not such a record is refused in one line rather than replaced: it may be
+    the only link from the folder's jobs to their parent."""
     path = folder / PARENT_FILE
     if not path.is_file():
         return None
@@ -72,7 +72,13 @@ def recorded_parent(folder: Path) -> Optional[str]:
     if not isinstance(run_id, str) or not run_id.strip():
         raise KDResearchError(f"{path} is not a parent-run record (no \"run_id\" text); fix it, or delete it to "
                               f"open a new parent run for this sweep folder")
-    return run_id
+    return record
+
+
+def recorded_parent(folder: Path) -> Optional[str]:
+    """The parent run id that `folder`'s PARENT_FILE records (None without the file; see `parent_record`)."""
+    record = parent_record(folder)
+    return record["run_id"] if record else None
 
 
 def check_one_sweep(tracker: Tracker, folder: Path, overrides: Sequence[str]) -> None:
