@@ -26,6 +26,9 @@ CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run"]
 VIEWPORT = {"width": 1600, "height": 1000}
+# MLflow 3.17 opens tip popovers of its own (e.g. "Detect Issues in Your Traces" on the GenAI overview,
+# a second or more after the page loads) that block every click until "Got it" is pressed.
+TIP_DISMISS_BUTTON = "Got it"
 UI_TIMEOUT_MS = 90_000  # for one locator: the first page load compiles and fetches a large bundle
 SERVER_START_SECONDS = 180  # the first start of `mlflow ui` on a fresh store can take ~20 s, more when busy
 SERVER_STOP_SECONDS = 30
@@ -50,6 +53,13 @@ def mlflow_ui(uri: str, log_path: Path, timeout: float = SERVER_START_SECONDS) -
         server.stop(SERVER_STOP_SECONDS)
 
 
+def dismiss_tips(page) -> None:
+    """Press "Got it" on any tip popover the UI opens, whenever it opens, before the page's next action
+    (as a user would); without it, a click races the tip and loses on a busy machine."""
+    button = page.get_by_role("dialog").get_by_role("button", name=TIP_DISMISS_BUTTON, exact=True)
+    page.add_locator_handler(button.first, lambda tip: tip.click())
+
+
 @contextmanager
 def browser_page(screenshots: Optional[Path] = None, viewport: Optional[dict] = None):
     """A page of headless Chromium (skips when there is none); the browser is always closed.
@@ -60,6 +70,7 @@ def browser_page(screenshots: Optional[Path] = None, viewport: Optional[dict] = 
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
         try:
             page = browser.new_page(viewport=viewport or VIEWPORT)
+            dismiss_tips(page)
             try:
                 yield page
             except BaseException:

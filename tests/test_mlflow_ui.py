@@ -4,7 +4,9 @@ Chromium: the runs table, the test/acc chart, and a run's checkpoint and resolve
 MLflow 3.17's UI picks an experiment's landing view from the workflow last chosen in the browser
 (the "GenAI" / "Model training" switch at the top left, kept in the browser's local storage; GenAI
 in a new browser), not from the experiment tag `mlflow.experimentKind`: the test makes that choice
-once, as the README tells users to, and then opens the experiment's plain URL.
+once, as the README tells users to, and then opens the experiment's plain URL. The GenAI overview
+opens a "Detect Issues" tip a moment after it loads, which blocks clicks until "Got it" is pressed:
+`browser_page` presses it whenever it appears (CI lost that race once on a busy machine).
 """
 
 from __future__ import annotations
