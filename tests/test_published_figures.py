@@ -37,7 +37,7 @@ AUTHORS = {"dkd": "mdistiller", "dist": "dist", "ctkd": "ctkd"}
 def test_every_row_cites_a_source_of_the_header_and_its_training():
     rows = read_published_rows()
     cited = set(re.findall(r"^# (\w+): github\.com/", PUBLISHED.read_text(), flags=re.MULTILINE))
-    assert len(rows) > 150 and cited == {"repdistiller", "mdistiller", "dist", "ctkd", "ls", "wttm"}
+    assert len(rows) > 150 and cited == {"repdistiller", "mdistiller", "dist", "ctkd", "ls", "wttm", "nd"}
     assert {row.figure.source for row in rows} == cited
     # Figures from another recipe than 240 epochs of one view are MLKD's (480 or more epochs, two views).
     other_recipe = [row for row in rows if row.figure.recipe_note()]
