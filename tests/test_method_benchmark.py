@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import mlflow_client, tracking_uri, train_command_in_process
@@ -30,6 +31,33 @@ def test_plan_orders_student_alone_then_methods_per_seed():
     assert overrides[-1] == "epochs=3"  # user overrides last: they win over the preset
     with pytest.raises(KDResearchError, match="not an experiment preset"):
         method_benchmark.plan(["nope"], ["kd"], [1], [], "out")
+
+
+class _Runs:
+    """Just enough of an MlflowClient for build_table: runs with tags and a test/acc history."""
+
+    def __init__(self, runs: dict[str, tuple[dict, list[float]]]):
+        self.runs = runs
+
+    def get_run(self, run_id):
+        tags, _ = self.runs[run_id]
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id), data=SimpleNamespace(tags=tags))
+
+    def get_metric_history(self, run_id, key):
+        _, accs = self.runs[run_id]
+        return [SimpleNamespace(step=step, value=acc) for step, acc in enumerate(accs, 1)] if key == "test/acc" else []
+
+
+def test_students_sharing_a_teacher_count_it_once():
+    shared = {"teacher_run_id": "t"}
+    client = _Runs({"t": ({}, [70.0]), "ce1": ({}, [60.0]), "ce2": ({}, [61.0]),
+                    "kd1": (shared, [63.0]), "kd2": (shared, [64.5])})
+    jobs = [jobs_module.PlannedJob(f"{PAIR}|{method}", seed, f"{method}{seed}", [], [f"{method}{seed}"])
+            for seed in (1, 2) for method in ("ce", "kd")]
+    table = method_benchmark.build_table(client, jobs, [PAIR], ["kd"], {})
+    teacher = table.cells[("teacher", PAIR)]
+    assert teacher.last.n == 1 and teacher.last.mean == 70.0 and "(n=1, < 3 seeds)" in teacher.format()
+    assert table.cells[("kd", PAIR)].vs_student.n == 2
 
 
 @pytest.mark.slow  # six resnet56/resnet20 jobs: about a minute on an idle 2-core machine

@@ -147,14 +147,16 @@ def build_table(client, jobs: Sequence[PlannedJob], pairs: Sequence[str], method
     alone and to KD of the same pair, paired by seed."""
     rows = [TEACHER, STUDENT_ALONE, *[m for m in methods if m != STUDENT_ALONE]]
     values: dict[tuple[str, str], list[tuple[int, Optional[float], Optional[float]]]] = {}  # (seed, last, best)
-    teachers: dict[tuple[str, int], str] = {}
+    # Each distinct teacher once, under the first seed that used it: students sharing one teacher
+    # (teacher.run_id=...) must not make it look like several teachers with no spread.
+    teachers: dict[tuple[str, str], int] = {}  # (pair, teacher run id) -> seed
     for job in jobs:
         pair, method = job.label.split("|", 1)
         run = client.get_run(job.run_ids[-1])
         values.setdefault((method, pair), []).append((job.seed, *_accuracies(client, run.info.run_id)))
         if names.TEACHER_RUN_ID in run.data.tags:
-            teachers[(pair, job.seed)] = run.data.tags[names.TEACHER_RUN_ID]
-    for (pair, seed), teacher_run_id in teachers.items():
+            teachers.setdefault((pair, run.data.tags[names.TEACHER_RUN_ID]), job.seed)
+    for (pair, teacher_run_id), seed in teachers.items():
         values.setdefault((TEACHER, pair), []).append((seed, *_accuracies(client, teacher_run_id)))
     table = Table(list(pairs), rows)
     for (method, pair), accs in values.items():
@@ -201,7 +203,7 @@ FOOTNOTE = ("Cells: last-epoch test accuracy (%), mean ± sample std over seeds;
             "the epoch chosen on validation (data.val_size > 0); pub.: the published figure (CIFAR-100, 240 epochs "
             "unless [N epochs] says otherwise, [2 views]: two augmented views of each image per step; sources in "
             "kdresearch/pipelines/published_cifar100.csv) and our difference to it; n: seeds "
-            "(marked below 3). Teacher row: the teachers the students used, one per seed. Second table: each "
+            "(marked below 3). Teacher row: the distinct teachers the students used (one per seed unless they share one). Second table: each "
             "method's last-epoch test accuracy minus the student alone's (− ce) and KD's (− kd). "
             f"{STATISTICS_FOOTNOTE}.")
 ARTIFACT_DIR = "benchmark"  # the parent run's artifact folder of benchmark.md
