@@ -1,6 +1,8 @@
 """The teacher-output cache: same results as running the teacher online, reused across runs,
 rebuilt when the teacher or the data change, and with augmentation kept per epoch of views."""
 
+import logging
+
 import pytest
 import torch
 from conftest import FAST, compose_job, mlflow_client
@@ -8,7 +10,8 @@ from omegaconf import OmegaConf
 
 from kdresearch.data.synthetic import make_synthetic
 from kdresearch.models import DeepNN
-from kdresearch.teacher.outputs import CachedTeacher, cache_key, teacher_outputs
+from kdresearch.data.views import VIEWS
+from kdresearch.teacher.outputs import CachedTeacher, cache_entry_bytes, cache_key, teacher_outputs
 from kdresearch.tracking.store import metric_history
 from kdresearch.training.job import run_job
 
@@ -67,6 +70,20 @@ def test_cache_is_reused_and_keyed_by_teacher_and_data(tmp_path):
     with torch.no_grad():
         teacher.classifier[-1].bias.add_(1.0)
     assert cache_key(teacher, data, "fp32", True) != key
+
+
+def test_views_over_the_cache_bound_are_noted_once_for_all_views(tmp_path, caplog):
+    data = make_synthetic(num_train=64, num_test=16)
+    teacher = DeepNN().eval()
+    epoch_gb = cache_entry_bytes(teacher, ("logits",), data.train_size, "fp32") / 1e9
+    # Room for 10 epochs of one view: 6 epochs of one view fit, 6 of two views do not.
+    cfg = OmegaConf.create({"enabled": True, "dir": str(tmp_path), "max_gb": 10 * epoch_gb})
+    caplog.set_level(logging.INFO, logger="kdresearch.teacher.outputs")
+    teacher_outputs(teacher, ("logits",), data, torch.device("cpu"), "fp32", True, True, cfg, epochs=6)
+    assert "epochs evicted" not in caplog.text
+    teacher_outputs(teacher, ("logits",), data, torch.device("cpu"), "fp32", True, True, cfg, epochs=6, views=VIEWS)
+    (line,) = [record.getMessage() for record in caplog.records if "epochs evicted" in record.getMessage()]
+    assert f"the 2 views of all 6 epochs take {12 * epoch_gb:.1f} GB" in line
 
 
 def test_augmented_views_depend_on_seed_epoch_and_sample_only():

@@ -363,15 +363,19 @@ class PerViewTeacher:
 
 def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, device: torch.device,
                     precision: str, channels_last: bool, augment: bool, cache_cfg, augment_seed: int = 0,
-                    epochs: int = 1, views: tuple[str, ...] = (), view: str = WEAK):
+                    epochs: int = 1, views: tuple[str, ...] = (), view: str = WEAK, grouped: bool = False):
     """What the loss reads from the teacher for this job: an `OnlineTeacher`, a `CachedTeacher`
     (built or read from disk) or, with augmentation, a `ViewsTeacher` (one entry per epoch) of
-    `view`; for a loss reading several `views`, a `PerViewTeacher` of one such per view."""
-    if views:
-        return PerViewTeacher({name: teacher_outputs(teacher, fields, data, device, precision, channels_last, augment,
-                                                     cache_cfg, augment_seed, epochs, view=name) for name in views})
-    reason = None
+    `view`; for a loss reading several `views`, a `PerViewTeacher` of one such per view (each
+    `grouped`: one of several views sharing the cache)."""
     size_gb = cache_entry_bytes(teacher, fields, data.train_size, precision) / 1e9
+    if views:
+        if augment and cache_cfg.enabled and size_gb <= cache_cfg.max_gb:
+            _note_epochs_over_limit(size_gb * len(views), epochs, len(views), cache_cfg.max_gb)
+        return PerViewTeacher({name: teacher_outputs(teacher, fields, data, device, precision, channels_last, augment,
+                                                     cache_cfg, augment_seed, epochs, view=name, grouped=True)
+                               for name in views})
+    reason = None
     if not cache_cfg.enabled:
         reason = "cache.enabled=false"
     elif size_gb > cache_cfg.max_gb:
@@ -383,10 +387,8 @@ def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, 
     folder = Path(cache_cfg.dir).expanduser() if cache_cfg.dir else DEFAULT_CACHE_DIR
     key = cache_key(teacher, data, precision, channels_last)
     if augment:
-        if size_gb * epochs > cache_cfg.max_gb:
-            log.info("teacher outputs: the views of all %d epochs take %.1f GB, over cache.max_gb=%g: jobs after "
-                     "this one may find early epochs evicted and compute them again", epochs, size_gb * epochs,
-                     cache_cfg.max_gb)
+        if not grouped:  # a group of views was noted once, for all of them
+            _note_epochs_over_limit(size_gb, epochs, 1, cache_cfg.max_gb)
         log.info("teacher outputs: computed once per epoch of augmented views (augmentation seed %d) and shared",
                  augment_seed)
         tag = view_cache_tag(view)  # "" for the weak view: its entries are every augmented job's
@@ -402,6 +404,15 @@ def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, 
     if outputs is None:
         return OnlineTeacher(teacher, device, precision, counts)
     return CachedTeacher(outputs, device, len(teacher.stage_channels), counts)
+
+
+def _note_epochs_over_limit(epoch_gb: float, epochs: int, views: int, max_gb: float) -> None:
+    """Say when the augmented views of every epoch (`epoch_gb` each, all `views` together) do not fit
+    the cache: the folder is kept under max_gb, so later jobs may recompute evicted early epochs."""
+    if epoch_gb * epochs > max_gb:
+        log.info("teacher outputs: the %sviews of all %d epochs take %.1f GB, over cache.max_gb=%g: jobs after "
+                 "this one may find early epochs evicted and compute them again",
+                 f"{views} " if views > 1 else "", epochs, epoch_gb * epochs, max_gb)
 
 
 def clear_cache(folder: Optional[Path] = None) -> int:
