@@ -129,10 +129,25 @@ PARENT = ("import sys; from kdresearch.runtime.processes import run_to_end\n"
           "try:\n    run_to_end(sys.argv[1:])\nexcept KeyboardInterrupt:\n    sys.exit(42)\n")
 
 
-def test_ctrl_c_waits_until_the_child_has_stopped(tmp_path):
-    """Ctrl-C reaches the whole process group: the parent waits for its child to finish stopping."""
+# The same parent, slow to come back from starting its child (as on a busy machine): Ctrl-C arrives
+# while it is still inside subprocess.Popen, once the child is up.
+PARENT_SLOW_TO_START = ("import pathlib, subprocess, sys, time\n"
+                        "popen = subprocess.Popen\n"
+                        "def slow_popen(command, **kwargs):\n"
+                        "    child = popen(command, **kwargs)\n"
+                        "    while not (pathlib.Path(command[-1]) / 'ready').exists():\n"
+                        "        time.sleep(0.01)\n"
+                        "    time.sleep(1.0)  # Ctrl-C arrives here\n"
+                        "    return child\n"
+                        "subprocess.Popen = slow_popen\n" + PARENT)
+
+
+@pytest.mark.parametrize("parent_code", [PARENT, PARENT_SLOW_TO_START], ids=["waiting", "starting"])
+def test_ctrl_c_waits_until_the_child_has_stopped(tmp_path, parent_code):
+    """Ctrl-C reaches the whole process group: the parent waits for its child to finish stopping,
+    also when it comes while the parent is still starting the child."""
     child = [sys.executable, "-c", CHILD_STOPPING_SLOWLY, str(tmp_path)]
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, *child], cwd=REPO_ROOT, start_new_session=True)
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, *child], cwd=REPO_ROOT, start_new_session=True)
     try:
         wait_until(lambda: (tmp_path / "ready").exists(), "the child's SIGINT handler", timeout=60)
         os.killpg(parent.pid, signal.SIGINT)

@@ -10,6 +10,8 @@ import os
 import subprocess
 from typing import Sequence
 
+from kdresearch.runtime import interrupts
+
 
 def child_env(**extra: str) -> dict[str, str]:
     """This process's environment for a child Python process, with unbuffered output (its lines
@@ -24,9 +26,14 @@ def run_to_end(command: Sequence[str]) -> int:
     kills the child a quarter of a second later, this waits until the child has finished
     stopping (a training job marks its MLflow run KILLED), then raises KeyboardInterrupt.
     """
-    process = subprocess.Popen(list(command), env=child_env())
+    process = None
     try:
+        # Ctrl-C while the child is being started would leave a running child that nobody waits for:
+        # it is held until `process` is known (a child started meanwhile got it from the group too).
+        with interrupts.held():
+            process = subprocess.Popen(list(command), env=child_env())
         return process.wait()
     except KeyboardInterrupt:
-        process.wait()
+        if process is not None:
+            process.wait()
         raise
