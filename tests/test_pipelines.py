@@ -125,7 +125,10 @@ signal.signal(signal.SIGINT, stop)
 (folder / "ready").write_text("")
 time.sleep(60)
 """
-PARENT = ("import sys; from kdresearch.runtime.processes import run_to_end\n"
+# The parent takes Ctrl-C as in a terminal (KeyboardInterrupt) even when the test run itself was started
+# in the background by a shell, which makes SIGINT ignored and so inherited as ignored.
+PARENT = ("import signal, sys; from kdresearch.runtime.processes import run_to_end\n"
+          "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
           "try:\n    run_to_end(sys.argv[1:])\nexcept KeyboardInterrupt:\n    sys.exit(42)\n")
 
 
