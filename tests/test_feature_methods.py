@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resumed_exactly, compose_config, compose_job, interrupted_after_epoch_1, mlflow_client
+from conftest import assert_resumed_exactly, compose_job, interrupted_after_epoch_1, mlflow_client
+from loss_checks import assert_builds_defaults, assert_pair_refused, one_line
 from torch.nn import functional as F
 
 from kdresearch.config.groups import build
@@ -93,12 +94,6 @@ def same_value_and_grads(ours, reference, inputs, atol=1e-6, rtol=1e-5):
         assert (g_mine is None) == (g_theirs is None)
         if g_mine is not None:
             close(g_mine, g_theirs, atol=atol, rtol=rtol)
-
-
-def one_line(raised) -> str:
-    message = str(raised.value)
-    assert "\n" not in message
-    return message
 
 
 # --- SP ------------------------------------------------------------------------------------------
@@ -446,9 +441,7 @@ def test_fsp_defaults_to_the_classifier_alone_after_its_init_stage(gen):
 def test_fsp_refuses_pairs_it_cannot_compare(student, teacher, problem):
     with pytest.raises(KDResearchError) as raised:
         FlowOfSolutionProcedure().bind(student, teacher)
-    message = one_line(raised)
-    assert message.startswith("loss=fsp: ") and problem in message
-    assert f"student {student.describe()}" in message and f"teacher {teacher.describe()}" in message
+    assert_pair_refused(raised, "fsp", student, teacher, problem)
 
 
 def test_fsp_refuses_an_init_stage_under_distributed_training(monkeypatch):
@@ -585,12 +578,7 @@ def job_config(store: Path, *overrides: str):
 
 @pytest.mark.parametrize("name", list(DEFAULTS))
 def test_config_file_builds_the_defaults(name):
-    cls, expected = DEFAULTS[name]
-    node = compose_config(f"loss={name}").loss
-    assert node.name == name and set(node) - {"name", "_target_"} == set(expected)  # every option a loss.<key>
-    loss = build(node, "loss")
-    assert type(loss) is cls
-    assert {key: getattr(loss, key) for key in expected} == expected
+    assert_builds_defaults(name, *DEFAULTS[name])
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from conftest import FAST, check_ok, experiment_runs, mlflow_client, train_in_process
+from loss_checks import one_line
 from torch import nn
 from torch.nn import functional as F
 
@@ -48,12 +49,6 @@ def net(name: str, channels, sizes, classes: int = C) -> Network:
 def stages_for(gen, model: Network, n=N, relu=True):
     maps = tuple(randn(gen, n, c, s, s) for c, s in zip(model.stage_channels, model.stage_sizes))
     return tuple(m.relu() for m in maps) if relu else maps
-
-
-def one_line(raised) -> str:
-    message = str(raised.value)
-    assert "\n" not in message
-    return message
 
 
 # --- FitNet -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 from conftest import FAST, check_ok, compose_config, mlflow_client, train_in_process
+from loss_checks import one_line
 from torch.nn import functional as F
 
 from kdresearch.architectures import imagenet
@@ -25,12 +26,6 @@ ALL = (*TORCHVISION, "mobilenet_v1")
 RESNET34_FILE = "resnet34-b627a593.pth"  # the file name of torchvision's ResNet34_Weights.IMAGENET1K_V1
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
-
-
-def one_line(raised) -> str:
-    message = str(raised.value)
-    assert "\n" not in message
-    return message
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CONF_DIR, assert_resumed_exactly, experiment_runs, interrupted_after_epoch_1
+from loss_checks import one_line
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -55,12 +56,6 @@ def logits_case(gen):
 
 def close(a, b, atol=1e-6, rtol=1e-5):
     torch.testing.assert_close(torch.as_tensor(a).double(), torch.as_tensor(b).double(), atol=atol, rtol=rtol)
-
-
-def one_line(raised) -> str:
-    message = str(raised.value)
-    assert "\n" not in message
-    return message
 
 
 def net(name: str, channels, sizes, classes: int = C) -> Network:

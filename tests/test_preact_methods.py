@@ -24,10 +24,10 @@ import pytest
 import torch
 from conftest import (assert_resumed_exactly, compose_config, compose_job, experiment_runs, interrupted_after_epoch_1,
                       mlflow_client, train_in_process)
+from loss_checks import assert_builds_defaults, one_line
 from torch import nn
 from torch.nn import functional as F
 
-from kdresearch.config.groups import build
 from kdresearch.config.validation import check_config
 from kdresearch.errors import KDResearchError
 from kdresearch.losses.ab import ActivationBoundaries, activation_boundary_transfer
@@ -92,12 +92,6 @@ def same_value_and_grads(ours, reference, inputs, atol=1e-6, rtol=1e-5):
     mine_grad, their_grad = torch.autograd.grad(mine, a[0]), torch.autograd.grad(theirs, b[0])
     assert mine_grad[0].abs().sum() > 0  # the comparison is not vacuous
     close(mine_grad[0], their_grad[0], atol=atol, rtol=rtol)
-
-
-def one_line(raised) -> str:
-    message = str(raised.value)
-    assert "\n" not in message
-    return message
 
 
 def net(name: str, channels, sizes, embedding=12, norms: bool = False, gen=None) -> Network:
@@ -487,11 +481,7 @@ DEFAULTS = {  # conf/loss/<name>.yaml -> the class and the authors' CIFAR-100 de
 
 @pytest.mark.parametrize("name", list(DEFAULTS))
 def test_config_file_builds_the_defaults(name):
-    cls, expected = DEFAULTS[name]
-    node = compose_config(f"loss={name}").loss
-    assert node.name == name and set(node) - {"name", "_target_"} == set(expected)  # every option a loss.<key>
-    loss = build(node, "loss")
-    assert type(loss) is cls and {key: getattr(loss, key) for key in expected} == expected
+    assert_builds_defaults(name, *DEFAULTS[name])
 
 
 @pytest.mark.parametrize("preset, weight", [("cifar100_res32x4_res8x4", 5.0), ("cifar100_res56_res20", 0.6),

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resumed_exactly, compose_config, compose_job, interrupted_after_epoch_1, mlflow_client
+from conftest import assert_resumed_exactly, compose_job, interrupted_after_epoch_1, mlflow_client
+from loss_checks import assert_builds_defaults, assert_pair_refused, one_line
 from torch.nn import functional as F
 
 from kdresearch.architectures.resnet import resnet8, resnet20
@@ -55,12 +56,6 @@ def close(a, b, atol=1e-6, rtol=1e-5):
 
 def leaf(tensor):
     return tensor.detach().clone().requires_grad_(True)
-
-
-def one_line(raised) -> str:
-    message = str(raised.value)
-    assert "\n" not in message
-    return message
 
 
 def net(name: str, channels=(4, 6), sizes=(8, 4), embedding=5, classes=C) -> Network:
@@ -216,9 +211,7 @@ def test_srd_keeps_its_copy_of_the_classifier_in_its_state():
 def test_srd_refuses_a_pair_it_cannot_serve_in_one_line(student, teacher, problem):
     with pytest.raises(KDResearchError) as raised:
         SoftmaxRegression().bind(student, teacher)
-    message = one_line(raised)
-    assert message.startswith("loss=srd: ") and problem in message
-    assert f"student {student.describe()}" in message and f"teacher {teacher.describe()}" in message
+    assert_pair_refused(raised, "srd", student, teacher, problem)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -339,9 +332,7 @@ def test_ft_trains_its_paraphraser_alone_then_the_student_through_the_translator
 def test_ft_refuses_a_pair_it_cannot_serve_in_one_line(student, teacher, options, problem):
     with pytest.raises(KDResearchError) as raised:
         FactorTransfer(**options).bind(student, teacher)
-    message = one_line(raised)
-    assert message.startswith("loss=ft: ") and problem in message
-    assert f"student {student.describe()}" in message and f"teacher {teacher.describe()}" in message
+    assert_pair_refused(raised, "ft", student, teacher, problem)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -379,11 +370,7 @@ def test_ft_refuses_distributed_training_and_a_job_its_init_stage_fills(monkeypa
     ("ft", FactorTransfer, {"paraphrase_rate": 0.5, "init_epochs": 30, "ce_weight": 1.0, "distill_weight": 500.0}),
 ])
 def test_config_file_builds_the_authors_defaults(name, cls, expected):
-    node = compose_config(f"loss={name}").loss
-    assert node.name == name and set(node) - {"name", "_target_"} == set(expected)  # every option a loss.<key>
-    loss = build(node, "loss")
-    assert type(loss) is cls
-    assert {key: getattr(loss, key) for key in expected} == expected
+    assert_builds_defaults(name, cls, expected)
 
 
 # --- as jobs on a zoo pair ------------------------------------------------------------------------------
