@@ -120,6 +120,9 @@ def test_values_that_do_not_vary_have_no_interval_and_no_warning():
         assert same.format() == "+1.50 (n=3, no interval)"
         flat = welch_difference([70.0, 70.0], [69.0, 69.0, 69.0])
         assert flat.mean == pytest.approx(1.0) and flat.low is None and flat.p_value is None
+    # A mean's interval needs two values that vary; fewer give none, an empty list too.
+    assert seed_statistics.mean_interval([]) is None and seed_statistics.mean_interval([70.0]) is None
+    assert seed_statistics.mean_interval([70.0, 70.0]) is None
 
 
 def test_p_value_and_seed_count_formats():

@@ -27,7 +27,7 @@ from kdresearch.errors import KDResearchError
 from kdresearch.layout import CONF_DIR
 from kdresearch.pipelines.jobs import PlannedJob, run_jobs, tracker_for
 from kdresearch.pipelines.published_figures import PUBLISHED, PublishedFigure, read_published
-from kdresearch.reports.compare import Stat
+from kdresearch.reports.compare import Stat, markdown_grid
 from kdresearch.reports.statistics import FOOTNOTE as STATISTICS_FOOTNOTE
 from kdresearch.reports.statistics import Difference, seed_count, seed_difference
 from kdresearch.sweeps.parent_runs import (
@@ -109,11 +109,7 @@ class Table:
 
     def markdown(self) -> str:
         """The accuracy table, then the table of differences (when some method has one)."""
-        tables = []
-        for titles, rows in self.grids():
-            lines = ["| " + " | ".join(titles) + " |", "|---|" + "---|" * (len(titles) - 1)]
-            tables.append("\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]))
-        return "\n\n".join(tables) + "\n"
+        return "\n".join(markdown_grid(titles, rows) for titles, rows in self.grids())
 
     def _differences(self) -> list[tuple[str, list[str]]]:
         """(`method − reference`, a cell per pair) for each method and reference it has a difference to."""
@@ -170,15 +166,21 @@ def build_table(client, jobs: Sequence[PlannedJob], pairs: Sequence[str], method
     return table
 
 
+def planned(parent) -> tuple[list[str], list[str], list[int]]:
+    """(pairs, methods, seeds) of a benchmark, read back from the params its parent run was opened
+    with in `benchmark` (methods joined by ", ": a method may hold spaces, e.g. "kd loss.T=2")."""
+    params = parent.data.params
+    methods = [method.strip() for method in params.get("methods", "").split(", ") if method.strip()]
+    return params.get("pairs", "").split(), methods, [int(seed) for seed in params.get("seeds", "").split()]
+
+
 def jobs_of_parent(parent, runs: Sequence) -> list[PlannedJob]:
     """The jobs a finished benchmark planned, rebuilt from its parent run (params pairs, methods,
     seeds; tag sweep_dir), each with the newest of `runs` (its child runs, newest first) that ran in
     its job folder; jobs without such a run are left out. Folders are matched by their last two
     parts (<pair>/<method>-seed<seed>): the benchmark may have run from another folder."""
-    params, tags = parent.data.params, parent.data.tags
-    split = [method.strip() for method in params.get("methods", "").split(", ") if method.strip()]
-    jobs = plan(params.get("pairs", "").split(), split, [int(seed) for seed in params.get("seeds", "").split()], [],
-                tags.get(names.SWEEP_DIR, "benchmark"))
+    pairs, methods, seeds = planned(parent)
+    jobs = plan(pairs, methods, seeds, [], parent.data.tags.get(names.SWEEP_DIR, "benchmark"))
     newest: dict[tuple[str, ...], str] = {}
     for run in runs:
         folder = run.data.tags.get(names.OUTPUT_DIR)

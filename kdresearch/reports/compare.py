@@ -471,12 +471,16 @@ def table_grid(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     return columns(rows), [table_cells(row, hyperparameters, with_kd) for row in rows]
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
-    titles, lines_of_cells = table_grid(rows)
+def markdown_grid(titles: Sequence[str], lines_of_cells: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of column titles and one list of cells per row (a `|` in a cell escaped)."""
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for cells in lines_of_cells:
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    return markdown_grid(*table_grid(rows))
 
 
 def _method_rows(rows: Sequence[Row]) -> list[Row]:

@@ -35,9 +35,9 @@ from typing import Iterable, Optional, Sequence
 from kdresearch.errors import KDResearchError, first_line
 from kdresearch.reports.compare import Comparison, Headline, Row, budget_note, compare, headline, table_grid
 from kdresearch.reports.statistics import Difference, format_p, seed_count
-from kdresearch.sweeps.parent_runs import PARENT_FILE, children, latest_per_configuration, parent_record
+from kdresearch.sweeps.parent_runs import PARENT_FILE, children, finished_runs, latest_per_configuration, parent_record
 from kdresearch.tracking import names
-from kdresearch.tracking.store import Tracker, check_uri, default_tracking_uri
+from kdresearch.tracking.store import Tracker, check_uri, default_tracking_uri, sqlite_path
 from kdresearch.training.budget import PREFIX as BUDGET_PREFIX
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,9 @@ def open_parent_run(target: str, tracking_uri: Optional[str] = None):
 
     run_id, uri = _target_run(target, tracking_uri)
     check_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise KDResearchError(f"no MLflow store at {uri[len('sqlite:///'):]}: give --tracking-uri of the store "
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():
+        raise KDResearchError(f"no MLflow store at {database}: give --tracking-uri of the store "
                               f"the sweep or benchmark was tracked in")
     tracker = Tracker(uri, DEFAULT_EXPERIMENT)
     try:
@@ -127,8 +128,7 @@ def finished_children(tracker: Tracker, parent) -> list:
         raise KDResearchError(f"run {run_id} ({name}) has no child runs: it is {kind}; give the parent run id of "
                               f"a sweep or benchmark (tag role={names.SWEEP_ROLE} or {names.BENCHMARK_ROLE}), "
                               f"or its folder")
-    finished = [run for run in latest if run.info.status == "FINISHED"
-                and run.data.tags.get(names.ROLE) not in names.UNTRAINED_ROLES]
+    finished = finished_runs(latest)
     if not finished:
         raise KDResearchError(f"parent run {run_id} ({name}) has no finished child run to report "
                               f"({len(latest)} configurations, none FINISHED)")
@@ -271,10 +271,11 @@ def _lineage(rows: Sequence[Row], tags_of: dict[str, dict[str, str]]) -> str:
     return html_table(titles, lines, "lineage") + "".join(f"<p class=\"warning\">{_escape(n)}</p>" for n in notes)
 
 
-def _runs(rows: Sequence[Row], status_of: dict[str, str]) -> str:
-    lines = [[row.label, "—" if run.seed is None else run.seed, run.name, run.run_id,
-              status_of.get(run.run_id, "—")] for row in rows for run in row.runs]
-    return html_table(["row", "seed", "run name", "run id", "status"], lines, "runs")
+def _runs(rows: Sequence[Row]) -> str:
+    """Every run of the table (all FINISHED: the report reads finished runs only)."""
+    lines = [[row.label, "—" if run.seed is None else run.seed, run.name, run.run_id]
+             for row in rows for run in row.runs]
+    return html_table(["row", "seed", "run name", "run id"], lines, "runs")
 
 
 def _benchmark(client, parent, finished: Sequence) -> str:
@@ -286,10 +287,8 @@ def _benchmark(client, parent, finished: Sequence) -> str:
         return ""
     try:
         jobs = method_benchmark.jobs_of_parent(parent, finished)
-        params = parent.data.params
-        methods = [method.strip() for method in params.get("methods", "").split(", ") if method.strip()]
-        table = method_benchmark.build_table(client, jobs, params.get("pairs", "").split(), methods,
-                                             method_benchmark.read_published())
+        pairs, methods, _ = method_benchmark.planned(parent)
+        table = method_benchmark.build_table(client, jobs, pairs, methods, method_benchmark.read_published())
     except KDResearchError as error:
         return f"<h2>Benchmark table</h2><p class=\"warning\">not rebuilt: {_escape(first_line(error))}</p>"
     tables = "".join(html_table(titles, lines, f"benchmark-{index}")
@@ -323,7 +322,7 @@ def render(parent, tracker: Tracker, finished: Sequence, comparison: Comparison,
         "<h2>Fidelity to the teacher</h2>", _fidelity(rows),
         "<h2>Budgets</h2>", _budgets(rows),
         "<h2>Lineage</h2>", _lineage(rows, {run.info.run_id: dict(run.data.tags) for run in finished}),
-        "<h2>Runs</h2>", _runs(rows, {run.info.run_id: run.info.status for run in finished}),
+        "<h2>Runs</h2>", _runs(rows),
     ]
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_escape(title)}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n")

@@ -82,8 +82,10 @@ def seed_count(n: int) -> str:
 
 
 def _varies(values: Sequence[float]) -> bool:
+    if len(values) < 2:
+        return False
     scale = max(1.0, max(abs(value) for value in values))
-    return len(values) > 1 and statistics.stdev(values) > NO_SPREAD * scale
+    return statistics.stdev(values) > NO_SPREAD * scale
 
 
 def _interval(mean: float, standard_error: float, degrees_of_freedom: float) -> tuple[float, float]:
@@ -111,9 +113,10 @@ def paired_difference(values: Sequence[float], reference: Sequence[float]) -> Di
                          f"{len(values)} and {len(reference)}")
     differences = [value - base for value, base in zip(values, reference)]
     mean, n = statistics.fmean(differences), len(differences)
-    if not _varies(differences):
+    interval = mean_interval(differences)
+    if interval is None:
         return Difference(mean, None, None, None, PAIRED, n, n)
-    low, high = _interval(mean, statistics.stdev(differences) / math.sqrt(n), n - 1)
+    low, high = interval
     return Difference(mean, low, high, float(stats.ttest_rel(values, reference).pvalue), PAIRED, n, n)
 
 

@@ -41,7 +41,7 @@ def model_card(run, epoch: int, folder_name: str) -> str:
         "",
         "| measure | top-1 accuracy |",
         "|---|---|",
-        *accuracy_rows(metrics, epoch, tags if has_teacher else {}),
+        *accuracy_rows(metrics, epoch, tags),
         "",
         "The best epoch is chosen on the validation split; its test accuracy is the figure to report "
         "when there is one.",

@@ -188,6 +188,13 @@ def log_headline(parent, rows: Sequence) -> None:
         parent.set_tags(best.tags())
 
 
+def finished_runs(latest: Sequence) -> list:
+    """The runs of `latest` (one per configuration) that FINISHED training a model: the rows of the
+    group's table (a nested group's own parent or summary run is none)."""
+    return [run for run in latest if run.info.status == "FINISHED"
+            and run.data.tags.get(names.ROLE) not in names.UNTRAINED_ROLES]
+
+
 def close_parent(tracker: Tracker, run_id: str, folder: Path, title: str,
                  extra_tags: Optional[Mapping[str, object]] = None,
                  extra_metrics: Optional[Mapping[str, float]] = None,
@@ -203,7 +210,7 @@ def close_parent(tracker: Tracker, run_id: str, folder: Path, title: str,
     statuses = [run.info.status for run in latest]
     status = "FINISHED" if latest and all(s == "FINISHED" for s in statuses) else (
         "KILLED" if "KILLED" in statuses and "FAILED" not in statuses else "FAILED")
-    finished = [run for run in latest if run.info.status == "FINISHED"]
+    finished = finished_runs(latest)
     with parent.failing_on_error():
         if extra_tags:  # tags, not params: a search run again in its folder may find another best
             parent.set_tags(extra_tags)

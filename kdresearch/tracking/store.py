@@ -49,7 +49,8 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 
 
-def _sqlite_path(uri: str) -> Optional[Path]:
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The database file of a sqlite:/// tracking URI; None for any other store."""
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///"):])
@@ -63,7 +64,7 @@ def check_uri(uri: str) -> None:
             f"tracking.uri={uri!r} is not a tracking store MLflow opens; use sqlite:////abs/path/mlflow.db, "
             f"http://host:port, or leave it null for {default_tracking_uri()}"
         )
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     if path is None:
         return
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and not path.is_absolute():
@@ -139,7 +140,7 @@ class Tracker:
         self.retry_seconds = 60.0 * retry_minutes  # how long a run keeps writes while the server is away
         self.mlflow = mlflow
         check_uri(self.uri)
-        self.db_path = db_path = _sqlite_path(self.uri)
+        self.db_path = db_path = sqlite_path(self.uri)
         logging.getLogger("mlflow.store.db.utils").addFilter(FULL_DISK_REPORTED)  # once: filters are a set
         if self.uri.startswith(("http://", "https://")):
             _check_server(self.uri)
