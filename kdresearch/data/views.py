@@ -31,10 +31,6 @@ VIEWS = (WEAK, STRONG)
 CACHE_TAGS = {WEAK: "", STRONG: "-strong1"}
 
 
-def view_cache_tag(view: str) -> str:
-    return CACHE_TAGS[view]
-
-
 # Data sets whose training views are drawn per image in DataLoader workers (data=imagenet), where
 # the views here, drawn on batches of stored images, cannot be made.
 VIEWS_IN_WORKERS = ("kdresearch.data.load_imagenet",)

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from kdresearch.data.splits import Dataset
-from kdresearch.data.views import WEAK, view_cache_tag
+from kdresearch.data.views import CACHE_TAGS, WEAK
 from kdresearch.errors import KDResearchError
 from kdresearch.layout import PROJECT_ROOT
 from kdresearch.models import ModelOutputs, assemble_outputs, field_stage_index, select_fields
@@ -344,9 +344,7 @@ class PerViewTeacher:
     def __init__(self, providers: dict):
         self.providers = providers
         self.counts = TeacherCounts()
-        for provider in providers.values():  # before any epoch: a ViewsTeacher hands its counts on then
-            self.counts.forwards += provider.counts.forwards
-            self.counts.cache_hits += provider.counts.cache_hits
+        for provider in providers.values():  # fresh, before any epoch: a ViewsTeacher hands its counts on then
             provider.counts = self.counts
 
     @property
@@ -363,18 +361,12 @@ class PerViewTeacher:
 
 def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, device: torch.device,
                     precision: str, channels_last: bool, augment: bool, cache_cfg, augment_seed: int = 0,
-                    epochs: int = 1, views: tuple[str, ...] = (), view: str = WEAK, grouped: bool = False):
+                    epochs: int = 1, views: tuple[str, ...] = ()):
     """What the loss reads from the teacher for this job: an `OnlineTeacher`, a `CachedTeacher`
-    (built or read from disk) or, with augmentation, a `ViewsTeacher` (one entry per epoch) of
-    `view`; for a loss reading several `views`, a `PerViewTeacher` of one such per view (each
-    `grouped`: one of several views sharing the cache)."""
+    (built or read from disk) or, with augmentation, a `ViewsTeacher` (one entry per epoch); for a
+    loss reading several `views` (augmented data only: `check_views`), a `PerViewTeacher` of one
+    such per view, all decided once."""
     size_gb = cache_entry_bytes(teacher, fields, data.train_size, precision) / 1e9
-    if views:
-        if augment and cache_cfg.enabled and size_gb <= cache_cfg.max_gb:
-            _note_epochs_over_limit(size_gb * len(views), epochs, len(views), cache_cfg.max_gb)
-        return PerViewTeacher({name: teacher_outputs(teacher, fields, data, device, precision, channels_last, augment,
-                                                     cache_cfg, augment_seed, epochs, view=name, grouped=True)
-                               for name in views})
     reason = None
     if not cache_cfg.enabled:
         reason = "cache.enabled=false"
@@ -383,18 +375,24 @@ def teacher_outputs(teacher: nn.Module, fields: tuple[str, ...], data: Dataset, 
                  f"over cache.max_gb={cache_cfg.max_gb:g}"
     if reason:
         log.info("teacher outputs: computed online (%s)", reason)
+        if views:
+            return PerViewTeacher({view: OnlineTeacher(teacher, device, precision) for view in views})
         return OnlineTeacher(teacher, device, precision)
     folder = Path(cache_cfg.dir).expanduser() if cache_cfg.dir else DEFAULT_CACHE_DIR
     key = cache_key(teacher, data, precision, channels_last)
     if augment:
-        if not grouped:  # a group of views was noted once, for all of them
-            _note_epochs_over_limit(size_gb, epochs, 1, cache_cfg.max_gb)
+        shared_by = len(views) or 1  # the views of one epoch take the cache together
+        _note_epochs_over_limit(size_gb * shared_by, epochs, shared_by, cache_cfg.max_gb)
         log.info("teacher outputs: computed once per epoch of augmented views (augmentation seed %d) and shared",
                  augment_seed)
-        tag = view_cache_tag(view)  # "" for the weak view: its entries are every augmented job's
-        return ViewsTeacher(teacher, fields, data, device, precision, channels_last, augment_seed,
-                            lambda epoch: folder / f"{key}-views{augment_seed}{tag}-epoch{epoch}-{'-'.join(fields)}.pt",
-                            cache_cfg.max_gb, view)
+
+        def of_view(view: str) -> ViewsTeacher:
+            tag = CACHE_TAGS[view]  # "" for the weak view: its entries are every augmented job's
+            return ViewsTeacher(teacher, fields, data, device, precision, channels_last, augment_seed,
+                                lambda epoch: folder / f"{key}-views{augment_seed}{tag}-epoch{epoch}-{'-'.join(fields)}.pt",
+                                cache_cfg.max_gb, view)
+
+        return PerViewTeacher({view: of_view(view) for view in views}) if views else of_view(WEAK)
     path = folder / f"{key}-{'-'.join(fields)}.pt"
     expected = entry_shapes(teacher, fields, data.train_size)
     batches = data.batches("train", 256, device, channels_last=channels_last)
