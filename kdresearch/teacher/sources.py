@@ -92,7 +92,7 @@ def obtain_teacher(cfg: DictConfig, teacher: nn.Module, data_fingerprint: str, t
         found = load_teacher_weights(teacher, source)
         log.info("teacher: loaded from %s%s", source.description, f" (run {source.run_id})" if source.run_id else "")
         found.file = source.label  # the file read, also when `file` names a job folder
-        found.file_sha256 = file_digest(Path(source.label))
+        found.file_sha256 = source.sha256 or file_digest(Path(source.label))  # a bundle's is already checked
         found.bundle = source.bundle  # a bundle's weights file: its folder, checked against SHA256SUMS
         found.weights = str(cfg.teacher.weights) if cfg.teacher.get("weights") else None
         return found

@@ -51,6 +51,7 @@ class CheckpointSource:
     label: str  # what records name it by: the file's absolute path, or runs:/<id>/checkpoints/final.pt
     run_id: Optional[str]  # the MLflow run that wrote it: the run given, or the one a file of ours records
     bundle: Optional[str] = None  # the bundle folder it was read from (absolute), for a bundle's weights
+    sha256: Optional[str] = None  # the file's digest where reading it already computed one (a bundle's)
 
     @property
     def epoch(self) -> int:
@@ -89,8 +90,8 @@ def from_bundle(folder: Path, what: str = "checkpoint") -> CheckpointSource:
     if bundle.CONFIG_FILE in listed:  # the training config, checked too: what evaluate.py builds the model from
         checkpoint["config"] = (folder / bundle.CONFIG_FILE).read_text(encoding="utf-8")
     recorded = checkpoint.get("run_id")
-    return CheckpointSource(checkpoint, described, str(file),
-                            recorded if isinstance(recorded, str) else None, bundle=str(folder))
+    return CheckpointSource(checkpoint, described, str(file), recorded if isinstance(recorded, str) else None,
+                            bundle=str(folder), sha256=listed[bundle.WEIGHTS_FILE])  # equal: just verified
 
 
 def safetensors_checkpoint(file: Path) -> dict:
