@@ -115,7 +115,6 @@ class ActivationBoundaries(InitStageDistillation):
                                  f"equal, 2x, half or larger student maps", student, teacher)
             connectors.append(BoundaryConnector(conv, t_channels))
         self.connectors = nn.ModuleList(connectors)
-        self.check_init_stage()
         self.teacher_fields = tuple(preact_field(j) for j in range(t_count))
 
     def distillation_term(self, student, teacher, progress=None):

@@ -81,7 +81,6 @@ class FlowOfSolutionProcedure(InitStageDistillation):
         if s_channels != t_channels:
             raise pair_error("fsp", f"FSP compares the matrices channel by channel, so both models need the "
                              f"same stage channels ({s_channels} vs {t_channels})", student, teacher)
-        self.check_init_stage()
         self.teacher_fields = tuple(stage_field(i) for i in range(len(t_channels)))
 
     def distillation_term(self, student, teacher, progress=None):

@@ -144,7 +144,6 @@ class FactorTransfer(InitStageDistillation):
         self.paraphraser = Paraphraser(t_channels, factor_channels)
         self.translator = translator(student.stage_channels[-1], factor_channels)
         self.teacher_stage = len(teacher.stage_channels) - 1
-        self.check_init_stage()
         self.teacher_fields = (stage_field(self.teacher_stage),)
 
     def init_stage_term(self, student, teacher, progress):

@@ -28,9 +28,8 @@ from kdresearch.losses.base import WeightedDistillation
 
 class InitStageDistillation(WeightedDistillation):
     """The term alone for the first `init_epochs` epochs, then ce_weight * CE + distill_weight * term
-    (module docstring). Subclasses set `part_name`, implement `distillation_term`, and call
-    `check_init_stage()` from `bind`; one whose init stage trains another term overrides
-    `init_stage_term` and names that part `init_part_name`."""
+    (module docstring). Subclasses set `part_name` and implement `distillation_term`; one whose
+    init stage trains another term overrides `init_stage_term` and names that part `init_part_name`."""
 
     init_part_name: Optional[str] = None  # the init stage's part, when not `part_name`
     init_stage_optional = True  # False where the method needs its init stage (FT: an untrained paraphraser)
@@ -38,6 +37,10 @@ class InitStageDistillation(WeightedDistillation):
     def __init__(self, init_epochs: int, ce_weight: float, distill_weight: float):
         super().__init__(ce_weight, distill_weight)
         self.init_epochs = validators.integer("loss.init_epochs", init_epochs, at_least=0)
+
+    def bind(self, student, teacher, *, train_size=0, train_labels=None):
+        super().bind(student, teacher, train_size=train_size, train_labels=train_labels)
+        self.check_init_stage()
 
     def check_init_stage(self) -> None:
         """Refuse an init stage under distributed training: DDP expects a gradient for every

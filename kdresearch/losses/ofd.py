@@ -71,9 +71,11 @@ def margin_from_norm(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     probability <= 0.001 (module docstring). In float64 as the authors' per-channel Python floats,
     returned as float32. A zero weight (a channel its BN switched off) counts as a tiny std, which
     gives the limits: the bias when it is negative, 0 otherwise."""
-    # On the CPU: float64 is not on every device (MPS has none); the margins are per channel, tiny.
-    std = weight.detach().cpu().double().abs().clamp_min(1e-12)
-    mean = bias.detach().cpu().double()
+    # On the BN's own device (a copy to the CPU would wait for the GPU at every step), except on MPS,
+    # which has no float64; the margins are per channel, tiny.
+    where = torch.device("cpu") if weight.device.type == "mps" else weight.device
+    std = weight.detach().to(where, torch.float64).abs().clamp_min(1e-12)
+    mean = bias.detach().to(where, torch.float64)
     ratio = mean / std
     negative_mass = torch.special.ndtr(-ratio)
     density = torch.exp(-ratio.pow(2) / 2) / math.sqrt(2 * math.pi)
