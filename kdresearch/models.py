@@ -104,12 +104,16 @@ def assemble_outputs(fields: dict[str, torch.Tensor], num_stages: int) -> ModelO
     return ModelOutputs(**{name: tuple(values) for name, values in stages.items()}, **plain)
 
 
-def stage_keeping_preact(blocks: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A stage of blocks run with its last block's `forward_keeping_preact` (which applies the final
-    ReLU out of place): (the stage's output, the same map before that ReLU)."""
+def run_stage(blocks: nn.Sequential, x: torch.Tensor, preact: Optional[list]) -> torch.Tensor:
+    """A stage of blocks; with a `preact` list, its last block runs `forward_keeping_preact` (which
+    applies the final ReLU out of place) and the map before that ReLU is appended to `preact`."""
+    if preact is None:
+        return blocks(x)
     for block in blocks[:-1]:
         x = block(x)
-    return blocks[-1].forward_keeping_preact(x)
+    x, before = blocks[-1].forward_keeping_preact(x)
+    preact.append(before)
+    return x
 
 
 class Network(nn.Module):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdresearch.models import ModelOutputs, Network, stage_keeping_preact
+from kdresearch.models import ModelOutputs, Network, run_stage
 
 
 class BasicBlock(nn.Module):
@@ -106,11 +106,7 @@ class ResNet(Network):
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         stages, preact = [], []
         for layer in (self.layer1, self.layer2, self.layer3):
-            if with_preact:
-                x, before = stage_keeping_preact(layer, x)
-                preact.append(before)
-            else:
-                x = layer(x)
+            x = run_stage(layer, x, preact if with_preact else None)
             stages.append(x)
         # Global pooling equals the suites' AvgPool2d(8) on the 8x8 map of a 32x32 input and
         # also works for other input sizes.

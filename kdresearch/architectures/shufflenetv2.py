@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdresearch.models import ModelOutputs, Network, stage_keeping_preact
+from kdresearch.models import ModelOutputs, Network, run_stage
 
 STEM_CHANNELS = 24
 
@@ -130,11 +130,7 @@ class ShuffleNetV2(Network):
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         stages, preact = [], []
         for layer in (self.layer1, self.layer2, self.layer3):
-            if with_preact:
-                x, before = stage_keeping_preact(layer, x)
-                preact.append(before)
-            else:
-                x = layer(x)
+            x = run_stage(layer, x, preact if with_preact else None)
             stages.append(x)
         x = F.relu(self.bn2(self.conv2(x)), inplace=True)
         # Global pooling equals the suites' avg_pool2d(4) on the 4x4 map of a 32x32 input.
