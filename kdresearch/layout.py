@@ -23,6 +23,8 @@ def _project_root() -> Path:
 
 
 PROJECT_ROOT = _project_root()
+# The real CIFAR-10 sample (12,000 images) the benchmarks read by default, beside the checkout.
+SHARED_CIFAR10_SAMPLE = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-real-10k"
 
 # A job folder (Hydra's run folder of one job):
 #   checkpoints/epoch_NNNN.pt   one per epoch, the newest `checkpoint.keep_last` kept

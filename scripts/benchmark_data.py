@@ -3,7 +3,7 @@ torchvision's reference recipe (ImageFolder + RandomResizedCrop(224) + flip + To
 DataLoader), with the same workers and batch, side by side on generated real JPEGs; then where the
 time goes, stage by stage. The logic lives in kdresearch/pipelines/data_benchmark.py.
 
-    python scripts/benchmark_data.py                       # 800 JPEGs, 2 workers, ~1 minute here
+    python scripts/benchmark_data.py                       # 1,500 JPEGs, 2 workers
     python scripts/benchmark_data.py --images 5000 --workers 8 --batch-size 256 --repeats 5
 
 The folder (ImageNet layout, 10 classes) is generated once per --images and reused.

@@ -58,9 +58,9 @@ from PIL import Image
 
 from kdresearch.config import validators
 from kdresearch.errors import KDResearchError
-from kdresearch.layout import PROJECT_ROOT
+from kdresearch.layout import SHARED_CIFAR10_SAMPLE
 
-DEFAULT_CIFAR = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-real-10k"
+DEFAULT_CIFAR = SHARED_CIFAR10_SAMPLE
 SIZES = ((500, 375), (500, 333), (375, 500), (500, 400), (333, 500))  # (width, height): ImageNet's usual
 CLASSES = 10  # of a generated folder
 VAL_PER_CLASS = 2  # data=imagenet needs a val/ folder; the benchmark reads only train/

@@ -25,7 +25,7 @@ import torch
 
 from kdresearch.config.groups import build
 from kdresearch.errors import KDResearchError
-from kdresearch.layout import PROJECT_ROOT, train_command
+from kdresearch.layout import SHARED_CIFAR10_SAMPLE, train_command
 from kdresearch.pipelines.reproduce import TUTORIAL_TEACHER_RECIPE
 from kdresearch.pipelines.tutorial_baseline import KINDS, baseline_command
 from kdresearch.reports.evaluation import compose
@@ -34,7 +34,7 @@ from kdresearch.tracking.store import metric_history
 from kdresearch.training.job import run_job
 from kdresearch.training.result import JobResult
 
-DEFAULT_REAL = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-real-10k"
+DEFAULT_REAL = SHARED_CIFAR10_SAMPLE
 DATA_CHOICES = ("cifar10-real-10k", "synthetic")
 # The tutorial's five jobs (tutorial_baseline.KINDS), in order, as kdresearch overrides.
 PIPELINE = {"teacher": ["model=deep"], "ce": [], "kd": ["loss=kd"], "cosine": ["loss=cosine"],
