@@ -82,14 +82,11 @@ class RunRecord:
     def _values(self, key: str) -> list[tuple[int, float]]:
         return self.history.get(key) or []
 
-    def _last(self, key: str) -> Optional[float]:
-        """The value at the last step: from the history when it was read, else MLflow's latest value."""
+    def value(self, key: str) -> Optional[float]:
+        """Metric `key` at the run's last step (None when the run does not log it): from the history
+        when it was read, else MLflow's latest value."""
         values = self._values(key)
         return values[-1][1] if values else self.metrics.get(key)
-
-    def value(self, key: str) -> Optional[float]:
-        """Metric `key` at the run's last step (None when the run does not log it)."""
-        return self._last(key)
 
     @property
     def init_norm(self) -> Optional[float]:
@@ -97,11 +94,11 @@ class RunRecord:
 
     @property
     def final_norm(self) -> Optional[float]:
-        return self._last("first_layer_norm")
+        return self.value("first_layer_norm")
 
     @property
     def final_acc(self) -> Optional[float]:
-        return self._last("test/acc")
+        return self.value("test/acc")
 
     @property
     def best_acc(self) -> Optional[float]:
@@ -112,12 +109,12 @@ class RunRecord:
     @property
     def best_val_acc(self) -> Optional[float]:
         """The best val/acc over epochs (data.val_size > 0), as of the last epoch."""
-        return self._last("best/val_acc")
+        return self.value("best/val_acc")
 
     @property
     def best_val_test_acc(self) -> Optional[float]:
         """test/acc of the epoch chosen on validation (data.val_size > 0), as of the last epoch."""
-        return self._last("best/test_acc")
+        return self.value("best/test_acc")
 
     @property
     def train_seconds(self) -> Optional[float]:
@@ -127,33 +124,11 @@ class RunRecord:
     @property
     def agreement(self) -> Optional[float]:
         """Top-1 agreement with the teacher on the test split at the last epoch (distillation runs)."""
-        return self._last("test/agreement")
+        return self.value("test/agreement")
 
     @property
     def kl_teacher(self) -> Optional[float]:
-        return self._last("test/kl_teacher")
-
-    @property
-    def steps(self) -> Optional[float]:
-        """Optimizer steps (kdresearch.training.budget; None for runs from before budgets)."""
-        return self.metrics.get("budget/steps")
-
-    @property
-    def device_hours(self) -> Optional[float]:
-        return self.metrics.get("budget/device_hours")
-
-    @property
-    def epochs(self) -> Optional[float]:
-        return self.metrics.get("budget/epochs")
-
-    @property
-    def images(self) -> Optional[float]:
-        """Training images seen (epochs x images per epoch)."""
-        return self.metrics.get("budget/images")
-
-    @property
-    def views_per_image(self) -> Optional[float]:
-        return self.metrics.get("budget/views_per_image")
+        return self.value("test/kl_teacher")
 
 
 def _number(text: Optional[str], kind=float):
@@ -546,7 +521,8 @@ def write_markdown(rows: Sequence[Row], path: Path, title: str) -> Path:
 
 
 CSV_STATS = ("init_norm", "final_norm", "final_acc", "best_val_test_acc", "best_acc", "train_seconds",
-             "agreement", "kl_teacher", "epochs", "steps", "images", "views_per_image", "device_hours")
+             "agreement", "kl_teacher")
+CSV_BUDGET = (*TRAINING_BUDGET, "device_hours")  # budget/<key> metrics (kdresearch.training.budget)
 
 
 def _difference_columns(prefix: str, difference: Optional[Difference]) -> dict[str, object]:
@@ -567,6 +543,8 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
         **{f"loss.{key}": row.first.hyperparameters.get(key) for key in hyperparameters},
         "parameter_count": row.first.parameter_count, "seeds": " ".join(map(str, row.seeds)), "n": len(row.runs),
         **{f"{name}_{part}": getattr(row.stat(name), part) for name in CSV_STATS for part in ("mean", "std")},
+        **{f"{key}_{part}": getattr(row.metric_stat(BUDGET_PREFIX + key), part)
+           for key in CSV_BUDGET for part in ("mean", "std")},
         "delta_vs_baseline": row.delta, **_difference_columns("delta_vs_baseline", row.vs_baseline),
         "baseline": row.baseline_label,
         "delta_vs_kd": None if row.vs_kd is None else row.vs_kd.mean, **_difference_columns("delta_vs_kd", row.vs_kd),
