@@ -40,14 +40,13 @@ Logged parts: "ce" and "ab", unweighted, in both stages.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from kdresearch.losses.base import number, pair_error
-from kdresearch.losses.fitnet import connector_conv
+from kdresearch.losses.fitnet import HintConnector, connector_conv
 from kdresearch.losses.init_stage import InitStageDistillation
 from kdresearch.losses.relations import computed_in_float32
 from kdresearch.models import preact_field
@@ -72,14 +71,6 @@ def activation_boundary_transfer(student_maps: Sequence[torch.Tensor], teacher_m
     terms = [2.0 ** (j - pairs + 1) * alternative_l2(s, t, margin) for j, (s, t) in
              enumerate(zip(student_maps, teacher_maps))]
     return AUTHORS_SCALE * torch.stack(terms).sum() / n
-
-
-class BoundaryConnector(nn.Sequential):
-    """conv -> BatchNorm: RepDistiller's ConvReg with use_relu=False (the target is a pre-activation,
-    negative values included)."""
-
-    def __init__(self, conv: nn.Module, t_channels: int):
-        super().__init__(OrderedDict(conv=conv, bn=nn.BatchNorm2d(t_channels)))
 
 
 class ActivationBoundaries(InitStageDistillation):
@@ -113,7 +104,7 @@ class ActivationBoundaries(InitStageDistillation):
                 raise pair_error("ab", f"the student's stage {j} map ({s_size}x{s_size}) is smaller than the "
                                  f"teacher's ({t_size}x{t_size}) but not half its size; the connector handles "
                                  f"equal, 2x, half or larger student maps", student, teacher)
-            connectors.append(BoundaryConnector(conv, t_channels))
+            connectors.append(HintConnector(conv, t_channels, relu=False))  # the target is a pre-activation
         self.connectors = nn.ModuleList(connectors)
         self.teacher_fields = tuple(preact_field(j) for j in range(t_count))
 

@@ -47,10 +47,14 @@ def connector_conv(s_channels: int, s_size: int, t_channels: int, t_size: int):
 
 class HintConnector(nn.Sequential):
     """conv -> BatchNorm -> ReLU, the suites' ConvReg with its default use_relu=True. The ReLU
-    fits because the hint target (a teacher stage) is itself post-activation, so non-negative."""
+    fits because the hint target (a teacher stage) is itself post-activation, so non-negative;
+    `relu=False` (ConvReg's use_relu=False) for a pre-activation target, negative values included."""
 
-    def __init__(self, conv: nn.Module, t_channels: int):
-        super().__init__(OrderedDict(conv=conv, bn=nn.BatchNorm2d(t_channels), relu=nn.ReLU(inplace=True)))
+    def __init__(self, conv: nn.Module, t_channels: int, relu: bool = True):
+        layers = OrderedDict(conv=conv, bn=nn.BatchNorm2d(t_channels))
+        if relu:
+            layers["relu"] = nn.ReLU(inplace=True)
+        super().__init__(layers)
 
 
 class FitNet(WeightedDistillation):

@@ -58,6 +58,7 @@ from torch.nn import functional as F
 
 from kdresearch.errors import KDResearchError
 from kdresearch.losses.base import WeightedDistillation, pair_error
+from kdresearch.losses.fitnet import HintConnector
 from kdresearch.losses.relations import computed_in_float32
 from kdresearch.models import preact_field
 
@@ -102,14 +103,12 @@ def overhaul_distillation(student_maps: Sequence[torch.Tensor], teacher_maps: Se
     return torch.stack(terms).sum() / student_maps[0].shape[0]
 
 
-class OFDConnector(nn.Sequential):
-    """1x1 conv (no bias) -> BatchNorm, initialised as the authors' `build_feature_connector`."""
-
-    def __init__(self, s_channels: int, t_channels: int):
-        conv = nn.Conv2d(s_channels, t_channels, kernel_size=1, bias=False)
-        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / t_channels))  # fan_out = 1 * 1 * t_channels
-        norm = nn.BatchNorm2d(t_channels)  # weight 1, bias 0: torch's default, the authors' too
-        super().__init__(conv, norm)
+def ofd_connector(s_channels: int, t_channels: int) -> HintConnector:
+    """1x1 conv (no bias) -> BatchNorm (weight 1, bias 0: torch's default, the authors' too), no ReLU
+    (the target is a pre-activation), initialised as the authors' `build_feature_connector`."""
+    conv = nn.Conv2d(s_channels, t_channels, kernel_size=1, bias=False)
+    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / t_channels))  # fan_out = 1 * 1 * t_channels
+    return HintConnector(conv, t_channels, relu=False)
 
 
 class OverhaulDistillation(WeightedDistillation):
@@ -140,7 +139,7 @@ class OverhaulDistillation(WeightedDistillation):
         self.student_stages = tuple(range(s_count - pairs, s_count))
         self.teacher_stages = tuple(range(t_count - pairs, t_count))
         self.connectors = nn.ModuleList(
-            OFDConnector(student.stage_channels[s], teacher.stage_channels[t])
+            ofd_connector(student.stage_channels[s], teacher.stage_channels[t])
             for s, t in zip(self.student_stages, self.teacher_stages))
         self._teacher_norms = tuple(norms[t] for t in self.teacher_stages)
         self.teacher_fields = tuple(preact_field(t) for t in self.teacher_stages)

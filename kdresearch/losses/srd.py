@@ -51,7 +51,6 @@ distill_weight.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -60,6 +59,7 @@ from torch.nn import functional as F
 
 from kdresearch.config import validators
 from kdresearch.losses.base import WeightedDistillation, number, pair_error, temperature
+from kdresearch.losses.fitnet import HintConnector
 from kdresearch.losses.kd import soft_target_kd
 from kdresearch.losses.relations import computed_in_float32
 from kdresearch.models import Network
@@ -82,14 +82,12 @@ def softmax_regression(student_feature: torch.Tensor, teacher_embedding: torch.T
     return feature, soft_target_kd(regressed, teacher_logits, T)
 
 
-class RegressionConnector(nn.Sequential):
+def regression_connector(s_channels: int, t_width: int) -> HintConnector:
     """1x1 conv (no bias) -> BatchNorm -> ReLU from the student's last-stage channels to the teacher's
     embedding width; the convolution drawn from N(0, 2 / fan_out), as the authors' `transfer_conv`."""
-
-    def __init__(self, s_channels: int, t_width: int):
-        conv = nn.Conv2d(s_channels, t_width, kernel_size=1, bias=False)
-        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # std sqrt(2 / (1 * 1 * t_width))
-        super().__init__(OrderedDict(conv=conv, bn=nn.BatchNorm2d(t_width), relu=nn.ReLU(inplace=True)))
+    conv = nn.Conv2d(s_channels, t_width, kernel_size=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # std sqrt(2 / (1 * 1 * t_width))
+    return HintConnector(conv, t_width)
 
 
 def final_linear(model: Network) -> Optional[nn.Linear]:
@@ -135,7 +133,7 @@ class SoftmaxRegression(WeightedDistillation):
             raise pair_error("srd", f"the teacher needs exactly one classifier layer, a Linear from its "
                              f"{teacher.embedding_dim}-wide embedding to its {teacher.num_classes} classes, to "
                              f"pass the student's feature through", student, teacher)
-        self.connector = RegressionConnector(student.stage_channels[-1], teacher.embedding_dim)
+        self.connector = regression_connector(student.stage_channels[-1], teacher.embedding_dim)
         self.classifier_weight = torch.zeros(teacher.num_classes, teacher.embedding_dim)
         self.classifier_bias = torch.zeros(teacher.num_classes)
         self._teacher_classifier = (classifier,)
